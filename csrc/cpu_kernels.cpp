@@ -1,0 +1,59 @@
+// Torch-free CPU kernels. Each *_body.inc is compiled three times: for AVX-512, for AVX2+FMA, and for
+// baseline x86-64 (scalar/SSE2). The wheel is built without -march=native; the ISA is picked at run time.
+#include <algorithm>
+#include <cmath>
+#include "kernels.h"
+
+namespace fastopt {
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
+namespace avx512 {
+#include "adam_body.inc"
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "adam_body.inc"
+}
+#pragma GCC pop_options
+#endif
+
+namespace scalar {
+#include "adam_body.inc"
+}
+
+Isa best_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::scalar;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    case Isa::scalar: return "scalar";
+  }
+  return "?";
+}
+
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad);
+    case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad);
+#endif
+    default: return scalar::adam_kernel(param, state, amsgrad);
+  }
+}
+
+}  // namespace fastopt

@@ -1,0 +1,30 @@
+// The seam between the torch-facing op layer (ops.cpp) and the torch-free kernels (cpu_kernels.cpp).
+// Kernels see raw pointers and a few fp32 scalars; nothing here includes torch headers, so the kernel
+// translation unit compiles in seconds and can be built once per ISA.
+#pragma once
+#include <cstdint>
+#include "dtypes.h"
+
+namespace fastopt {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+Isa best_isa();                 // widest ISA this CPU (and OS) supports
+const char* isa_name(Isa isa);
+
+// Per-tensor constants of one Adam step, folded on the host in double and handed over as fp32.
+struct AdamConsts {
+  float grad_mul;      // 1/grad_scale, negated when maximizing
+  float l2;            // Adam's coupled weight decay: g += l2 * p
+  float decay;         // AdamW's decoupled weight decay: p *= decay (= 1 - lr*wd)
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float step_size;     // lr / (1 - beta1^t)
+  float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^t)
+  float eps;
+};
+
+// One pass over n elements: reads p, g, m, v (and vmax), writes p, m, v (and vmax).
+// p and g share the param dtype; m, v and vmax share the state dtype. vmax is null unless amsgrad.
+using AdamFn = void (*)(void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamConsts& c);
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad);
+
+}  // namespace fastopt

@@ -1,0 +1,18 @@
+"""The one description of the C++ extension, shared by setup.py (wheels, editable installs) and the
+JIT build in fastopt/_ext.py. Imports nothing but the standard library (setup.py loads it by path). Portable flags only: never -march=native; the ISA is chosen at run time."""
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ["ops.cpp", "cpu_kernels.cpp"]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall"]
+LD_FLAGS = ["-fopenmp"]
+
+
+def extension_kwargs(relative: bool = True) -> dict:
+    sources = [f"csrc/{s}" if relative else str(CSRC / s) for s in SOURCES]
+    return {
+        "sources": sources,
+        "extra_compile_args": {"cxx": CXX_FLAGS},
+        "extra_link_args": LD_FLAGS,
+        "depends": [str(p) for p in CSRC.glob("*.h")] + [str(p) for p in CSRC.glob("*.inc")],
+    }
