@@ -1,0 +1,4 @@
+from fastopt.optim.adam import Adam, AdamW
+from fastopt.optim.base import FusedOptimizer
+
+__all__ = ["Adam", "AdamW", "FusedOptimizer"]

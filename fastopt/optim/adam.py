@@ -1,0 +1,80 @@
+"""fastopt.Adam and fastopt.AdamW: drop-in torch.optim.Adam / AdamW (same arguments, state keys and state_dict
+layout; ``step`` is a float32 0-d tensor) on fused kernels. Math: fastopt/ops/adam.py, ALGORITHMS.md §1."""
+from __future__ import annotations
+
+import torch
+
+from fastopt.ops import adam_step
+from fastopt.optim.base import FusedOptimizer, check_range
+
+
+class Adam(FusedOptimizer):
+    """Adam with L2 weight decay coupled into the gradient (``decoupled_weight_decay=True`` makes it AdamW).
+
+    Any of ``lr``, each beta, ``eps`` and ``weight_decay`` may be a float, a 0-d tensor or a schedule
+    (``lr=fastopt.schedules.WSD(...)``). ``backend`` None runs each tensor on the fastest implementation for
+    its device ("cpu": C++, "triton": GPU); "reference", "cpu" or "triton" forces one. Moments are kept in
+    the parameter's dtype, as torch does; math is fp32 for every dtype.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 maximize=False, decoupled_weight_decay=False, backend=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):  # also runs on load_state_dict: fill options a torch checkpoint may lack
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+
+    def _check_hyperparameters(self, hp: dict) -> None:
+        check_range(self._name, "lr", hp["lr"], 0.0)
+        check_range(self._name, "eps", hp["eps"], 0.0)
+        check_range(self._name, "weight_decay", hp["weight_decay"], 0.0)
+        for i, beta in enumerate(hp["betas"]):
+            check_range(self._name, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device), "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        return state
+
+    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
+        beta1, beta2 = hp["betas"]
+        for (device, backend), ps in self._buckets(params).items():
+            states = [self.state[p] for p in ps]
+            lr = hp["lr"]
+            if isinstance(lr, torch.Tensor) and backend == "triton":
+                lr = lr.to(device)  # no-op when the user's lr tensor already lives there
+            adam_step(ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                      [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                      [s["step"] for s in states], lr=lr, beta1=as_float(beta1), beta2=as_float(beta2),
+                      eps=as_float(hp["eps"]), weight_decay=as_float(hp["weight_decay"]),
+                      decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
+                      grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                      found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+                      backend=backend)
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2), drop-in for torch.optim.AdamW. See :class:`Adam`."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def as_float(value) -> float:
+    """Betas, eps and weight decay reach kernels as plain numbers (a 0-d tensor is read once per step)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
