@@ -22,6 +22,7 @@ from fastopt.ops import _backends
 # Where a schedule stands in a state_dict: {SCHEDULE_KEY: spec} (or {SCHEDULE_KEY: None} when the
 # callable has no to_dict(); loading then keeps the schedule the optimizer was built with).
 SCHEDULE_KEY = "__schedule__"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
 
 
 def is_schedule(value: Any) -> bool:
@@ -112,6 +113,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{self._name}: params[{i}] has dtype {p.dtype}; only floating-point parameters "
                                  "can be optimized")
+            if self.backend in ("cpu", "triton") and p.dtype not in KERNEL_DTYPES:
+                raise ValueError(f"{self._name}: backend={self.backend!r} takes float32, bfloat16 and float16 "
+                                 f"params, params[{i}] is {p.dtype} (backend=None runs it on the reference path)")
         options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "betas" in options and len(options["betas"]) != 2:
             raise ValueError(f"{self._name}: betas must be a pair (beta1, beta2), got {options['betas']!r}")
@@ -151,8 +155,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _backend_for(self, p: torch.Tensor) -> str:
         """The implementation for this tensor: the forced one, or the fastest for its device and dtype."""
-        if self.backend is None and p.dtype == torch.float64:
-            return "reference"  # the kernels take fp32/bf16/fp16; float64 runs the (exact) reference
+        if self.backend is None and p.dtype not in KERNEL_DTYPES:
+            return "reference"  # e.g. float64: exact math on the reference path
         return _backends.resolve(self.backend, p.device)
 
     def _buckets(self, params: list[torch.Tensor]) -> dict[tuple[torch.device, str], list[torch.Tensor]]:

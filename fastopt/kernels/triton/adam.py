@@ -27,10 +27,10 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_sca
                 n, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_sign,
                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_FOUND_INF:  # GradScaler found inf/NaN: the step touches nothing
+        n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
     t = tl.load(step_ptr).to(tl.float64)

@@ -1,0 +1,37 @@
+"""Test-wide setup. Triton kernels run in Triton's interpreter on CPU tensors (no GPU here); the flag must be
+set before any kernel is defined. The AOT compile test runs in a subprocess without it."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice; keeps its default
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastopt  # noqa: E402,F401
+from fastopt import _ext  # noqa: E402
+
+# Sizes that break blocking: SIMD widths, the 1024-element Triton block, the 65536-element CPU chunk.
+ODD_SIZES = [1, 127, 128, 129, 4095, 4097, 1_000_003]
+
+
+def cpu_isas() -> list[str]:
+    """Every CPU kernel ISA this machine can run (the scalar path always)."""
+    if _ext.load() is None:
+        return []
+    best = torch.ops.fastopt.cpu_isa()
+    order = ["scalar", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Sets the CPU kernels' ISA for one test, restoring the automatic choice afterwards."""
+    torch.ops.fastopt.set_cpu_isa(request.param)
+    yield request.param
+    torch.ops.fastopt.set_cpu_isa("auto")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
