@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make bench` and `make test`.
+# Both create .venv, install the pinned dependencies (constraints.txt) and build the C++ kernels if needed;
+# a second run reuses all of it (stamps below), and ninja rebuilds only changed sources.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.fastopt-built
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
+export TRITON_DEFAULT_FP_FUSION ?= 1
+
+.PHONY: test bench build deps aot wheel clean
+
+test: $(BUILT)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(BUILT)
+	$(PY) -m bench $(BENCH_ARGS)
+
+build: $(BUILT)
+
+deps: $(DEPS)
+
+aot: $(BUILT)
+	$(PY) -m fastopt.kernels.triton.aot
+
+$(DEPS): constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r constraints.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info fastopt/*.so $(BUILT)

@@ -1,0 +1,1 @@
+"""fastopt's benchmarks: `python -m bench --help`."""

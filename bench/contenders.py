@@ -1,0 +1,50 @@
+"""The optimizers the benchmark compares, and the parameter shapes it runs them on.
+
+A contender is a name, a factory ``make(params) -> optimizer``, the bytes its step must move per parameter
+(its floor on any machine), and whether it can run here. Peers that are not installed are skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fastopt
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    bytes_per_param: float  # read p, g, m, v + write p, m, v, for fp32: 7 × 4 bytes
+    available: Callable[[], bool] = lambda: True
+
+
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+FP32_ADAM_BYTES = 7 * 4
+
+CONTENDERS = [
+    Contender("fastopt.AdamW", lambda ps: fastopt.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
+    Contender("torch AdamW (default)", lambda ps: torch.optim.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
+    Contender("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW), FP32_ADAM_BYTES),
+    Contender("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW), FP32_ADAM_BYTES),
+]
+BASELINE = "torch AdamW (fused)"
+
+
+def llama_shapes(hidden: int = 768, intermediate: int = 2048, layers: int = 12, vocab: int = 32000) -> list[tuple]:
+    """Parameter shapes of a LLaMA-style decoder (tied embeddings): the default is ~110M parameters."""
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4                 # q, k, v, o
+        shapes += [(intermediate, hidden)] * 2 + [(hidden, intermediate)]  # gate, up, down
+        shapes += [(hidden,)] * 2                        # the two RMSNorm weights
+    return shapes + [(hidden,)]                          # final norm
+
+
+PRESETS = {
+    "llama-110m": dict(hidden=768, intermediate=2048, layers=12, vocab=32000),
+    "llama-20m": dict(hidden=256, intermediate=688, layers=6, vocab=32000),
+    "llama-350m": dict(hidden=1024, intermediate=2816, layers=24, vocab=32000),
+}

@@ -1,0 +1,134 @@
+"""Optimizer step throughput on this machine: fastopt against torch.optim (and installed peers).
+
+    python -m bench [--preset llama-110m] [--rounds 15] [--only NAME ...] [--threads N] [--out bench/results]
+
+Timing is paired: every round runs each contender's step once, in an order rotated per round (A B C, B C A,
+...), after warm-up; the table reports medians. A streaming-bandwidth probe (an in-place ``a += b`` over as
+many floats as there are parameters: 12 bytes/element) runs in the same rounds, so "of BW" compares each
+contender with what this machine's memory delivered at the same moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.contenders import BASELINE, CONTENDERS, PRESETS, llama_shapes
+
+
+def make_params(shapes, grads):
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g  # gradients are read-only for every contender: one shared set saves memory
+    return params
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    isa = torch.ops.fastopt.cpu_isa() if hasattr(torch.ops.fastopt, "cpu_isa") else "n/a"
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "fastopt_isa": isa,
+            "python": platform.python_version()}
+
+
+def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
+    import fastopt._ext
+
+    fastopt._ext.load()
+    shapes = llama_shapes(**PRESETS[preset])
+    n = sum(torch.Size(s).numel() for s in shapes)
+    contenders = [c for c in CONTENDERS if c.available() and (not only or any(o in c.name for o in only))]
+    torch.manual_seed(0)
+    grads = [torch.randn(s) * 1e-3 for s in shapes]
+    opts = {c.name: c.make(make_params(shapes, grads)) for c in contenders}
+    stream_a, stream_b = torch.randn(n), torch.randn(n)
+    tasks = {name: opt.step for name, opt in opts.items()}
+    tasks["stream"] = lambda: stream_a.add_(stream_b)
+
+    for _ in range(warmup):
+        for fn in tasks.values():
+            fn()
+    times = {name: [] for name in tasks}
+    names = list(tasks)
+    try:
+        from tqdm import tqdm
+        progress = tqdm(range(rounds), desc=f"{preset}: {len(contenders)} contenders", file=sys.stderr)
+    except ImportError:
+        progress = range(rounds)
+    for r in progress:
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(tasks[name]))
+
+    stream_s = statistics.median(times["stream"])
+    stream_gbs = 12 * n / stream_s / 1e9
+    base = statistics.median(times[BASELINE]) if BASELINE in times else None
+    rows = []
+    for c in contenders:
+        t = statistics.median(times[c.name])
+        gbs = c.bytes_per_param * n / t / 1e9
+        rows.append({"optimizer": c.name, "ms_per_step": t * 1e3, "vs_torch_fused": (t / base) if base else None,
+                     "params_per_s": n / t, "gb_per_s": gbs, "of_bandwidth": gbs / stream_gbs,
+                     "state_bytes_per_param": state_bytes(opts[c.name]) / n,
+                     "ms_all_rounds": [x * 1e3 for x in times[c.name]]})
+    return {"preset": preset, "params": n, "tensors": len(shapes), "rounds": rounds, "warmup": warmup,
+            "stream_gb_per_s": stream_gbs, "machine": machine(), "rows": rows,
+            "command": "python -m bench " + " ".join(sys.argv[1:])}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['preset']}: {result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, "
+             f"fp32, median of {result['rounds']} paired rounds; streaming bandwidth measured in the same rounds: "
+             f"{result['stream_gb_per_s']:.1f} GB/s; {result['machine']['cpu']}, {result['machine']['threads']} threads",
+             "",
+             "| optimizer | ms/step | time vs torch fused | params/s | GB/s | of BW | state bytes/param |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        ratio = f"{r['vs_torch_fused']:.2f}×" if r["vs_torch_fused"] else "—"
+        lines.append(f"| {r['optimizer']} | {r['ms_per_step']:.1f} | {ratio} | {r['params_per_s'] / 1e9:.2f} G | "
+                     f"{r['gb_per_s']:.1f} | {r['of_bandwidth']:.0%} | {r['state_bytes_per_param']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-110m", choices=sorted(PRESETS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--out", default="bench/results", help="folder for <preset>.json and <preset>.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = args.only + [BASELINE] if args.only else None
+    result = run(args.preset, args.rounds, args.warmup, only)
+    text = table(result)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.preset}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.preset}.md").write_text(text + f"\n\nCommand: `{result['command']}`\n")
+    print(f"\nwrote {out / (args.preset + '.json')} and {out / (args.preset + '.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
