@@ -15,7 +15,7 @@ test: $(BUILT)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(BUILT)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench --readme README.md $(BENCH_ARGS)
 
 build: $(BUILT)
 

@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--out", default="bench/results", help="folder for <preset>.json and <preset>.md")
+    parser.add_argument("--readme", default=None, help="also put the table into this README, between "
+                        "<!-- bench:PRESET --> and <!-- /bench:PRESET -->")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +129,20 @@ def main(argv=None) -> int:
     (out / f"{args.preset}.json").write_text(json.dumps(result, indent=1))
     (out / f"{args.preset}.md").write_text(text + f"\n\nCommand: `{result['command']}`\n")
     print(f"\nwrote {out / (args.preset + '.json')} and {out / (args.preset + '.md')}", file=sys.stderr)
+    if args.readme:
+        update_readme(Path(args.readme), args.preset, text + f"\n\nCommand: `{result['command']}`")
     return 0
+
+
+def update_readme(path: Path, preset: str, text: str) -> None:
+    """Replaces the README block between the preset's markers, so that its numbers are what this run printed."""
+    begin, end = f"<!-- bench:{preset} -->", f"<!-- /bench:{preset} -->"
+    readme = path.read_text()
+    if begin not in readme:
+        raise SystemExit(f"{path} has no {begin} marker")
+    head, rest = readme.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else rest
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
