@@ -6,12 +6,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.fastopt-built
+WHEEL  := dist/.wheel-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
 .PHONY: test bench build deps aot wheel clean
 
-test: $(BUILT)
+test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(BUILT)
@@ -20,6 +21,14 @@ bench: $(BUILT)
 build: $(BUILT)
 
 deps: $(DEPS)
+
+# An sdist, and a wheel built from it, with the compiled kernels; portable flags (the ISA is chosen at run time).
+wheel: $(WHEEL)
+
+$(WHEEL): $(DEPS) $(SOURCES) $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
+	rm -rf dist && mkdir -p dist
+	$(PY) -m build --no-isolation --outdir dist . > dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)
+	touch $@
 
 aot: $(BUILT)
 	$(PY) -m fastopt.kernels.triton.aot

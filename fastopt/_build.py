@@ -1,5 +1,6 @@
-"""The one description of the C++ extension, shared by setup.py (wheels, editable installs) and the
-JIT build in fastopt/_ext.py. Imports nothing but the standard library (setup.py loads it by path). Portable flags only: never -march=native; the ISA is chosen at run time."""
+"""The one description of the C++ extension, shared by setup.py (wheels, editable installs) and the JIT
+build in fastopt/_ext.py. Imports only the standard library (setup.py loads it by path). Portable flags
+only, never -march=native: the kernels pick their ISA at run time."""
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -14,5 +15,5 @@ def extension_kwargs(relative: bool = True) -> dict:
         "sources": sources,
         "extra_compile_args": {"cxx": CXX_FLAGS},
         "extra_link_args": LD_FLAGS,
-        "depends": [str(p) for p in CSRC.glob("*.h")] + [str(p) for p in CSRC.glob("*.inc")],
+        "depends": [f"csrc/{h.name}" if relative else str(h) for h in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.inc"))],
     }
