@@ -11,6 +11,7 @@ namespace fastopt {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
 #include "adam_body.inc"
+#include "quant_body.inc"
 }
 #pragma GCC pop_options
 
@@ -18,12 +19,14 @@ namespace avx512 {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "adam_body.inc"
+#include "quant_body.inc"
 }
 #pragma GCC pop_options
 #endif
 
 namespace scalar {
 #include "adam_body.inc"
+#include "quant_body.inc"
 }
 
 Isa best_isa() {
@@ -53,6 +56,36 @@ AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad) {
     case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad);
 #endif
     default: return scalar::adam_kernel(param, state, amsgrad);
+  }
+}
+
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return avx512::adam_quantized_kernel(param, bits);
+    case Isa::avx2: return avx2::adam_quantized_kernel(param, bits);
+#endif
+    default: return scalar::adam_quantized_kernel(param, bits);
+  }
+}
+
+QuantizeFn quantize_kernel(Isa isa, int bits) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return avx512::quantize_kernel(bits);
+    case Isa::avx2: return avx2::quantize_kernel(bits);
+#endif
+    default: return scalar::quantize_kernel(bits);
+  }
+}
+
+DequantizeFn dequantize_kernel(Isa isa, int bits) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return avx512::dequantize_kernel(bits);
+    case Isa::avx2: return avx2::dequantize_kernel(bits);
+#endif
+    default: return scalar::dequantize_kernel(bits);
   }
 }
 

@@ -27,4 +27,24 @@ struct AdamConsts {
 using AdamFn = void (*)(void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamConsts& c);
 AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad);
 
+// Block-quantized moments (fastopt/quant/formats.py): 4-bit codes packed two per byte (even element in the
+// low nibble) with one fp32 scale per 128 elements; 8-bit codes with one scale per 256.
+constexpr int block_size(int bits) { return bits == 4 ? 128 : 256; }
+
+// One quantized moment of a chunk: codes and scales start at the chunk's first block; map has 2^bits entries.
+struct QState {
+  uint8_t* codes;
+  float* scales;
+  const float* map;
+};
+
+// Adam with both moments quantized (same bits); the chunk starts on a block boundary.
+using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, const AdamConsts& c);
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits);
+
+using QuantizeFn = void (*)(const float* x, int64_t n, const float* map, uint8_t* codes, float* scales);
+using DequantizeFn = void (*)(const uint8_t* codes, const float* scales, int64_t n, const float* map, float* out);
+QuantizeFn quantize_kernel(Isa isa, int bits);
+DequantizeFn dequantize_kernel(Isa isa, int bits);
+
 }  // namespace fastopt

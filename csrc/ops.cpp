@@ -4,12 +4,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -72,6 +74,36 @@ void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int6
   TORCH_CHECK(t.is_contiguous(), "fastopt.adam_step: ", what, "[", i, "] must be contiguous");
 }
 
+// Runs fn(tensor, offset, length) over all chunks of all tensors, in parallel (torch's OpenMP pool).
+template <typename Fn>
+void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
+  const std::vector<Chunk> chunks = split(sizes);
+  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(chunks[c].tensor, chunks[c].begin, chunks[c].end - chunks[c].begin);
+  });
+}
+
+// Increments each step and folds this step's per-tensor constants on the host, in double.
+std::vector<AdamConsts> step_consts(at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, bool decoupled, bool maximize,
+                                    const std::optional<at::Tensor>& grad_scale) {
+  double grad_mul = maximize ? -1.0 : 1.0;
+  if (grad_scale.has_value() && grad_scale->defined()) grad_mul /= grad_scale->item<double>();
+  std::vector<AdamConsts> consts(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    float* step = steps[i].data_ptr<float>();
+    *step += 1.0f;
+    const double t = *step;
+    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+    consts[i] = AdamConsts{float(grad_mul),
+                           float(decoupled ? 0.0 : weight_decay),
+                           float(decoupled ? 1.0 - lr * weight_decay : 1.0),
+                           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+                           float(lr / bc1), float(1.0 / std::sqrt(bc2)), float(eps)};
+  }
+  return consts;
+}
+
 // Returns true when GradScaler found inf/NaN: then the whole step is skipped, steps included.
 bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0;
@@ -110,31 +142,107 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     sizes[i] = p.numel();
   }
   if (skip_step(found_inf)) return;
-
-  double grad_mul = maximize ? -1.0 : 1.0;
-  if (grad_scale.has_value() && grad_scale->defined()) grad_mul /= grad_scale->item<double>();
-  std::vector<AdamConsts> consts(n);
-  for (int64_t i = 0; i < n; ++i) {
-    float* step = steps[i].data_ptr<float>();
-    *step += 1.0f;
-    const double t = *step;
-    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
-    consts[i] = AdamConsts{float(grad_mul),
-                           float(decoupled ? 0.0 : weight_decay),
-                           float(decoupled ? 1.0 - lr * weight_decay : 1.0),
-                           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
-                           float(lr / bc1), float(1.0 / std::sqrt(bc2)), float(eps)};
-  }
-  const std::vector<Chunk> chunks = split(sizes);
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& ch = chunks[c];
-      const int64_t i = ch.tensor, off = ch.begin;
-      auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
-      fns[i](at_(params[i]), at_(grads[i]), at_(exp_avgs[i]), at_(exp_avg_sqs[i]),
-             amsgrad ? at_(max_exp_avg_sqs[i]) : nullptr, ch.end - ch.begin, consts[i]);
-    }
+  const std::vector<AdamConsts> consts =
+      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale);
+  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
+    auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
+    fns[i](at_(params[i]), at_(grads[i]), at_(exp_avgs[i]), at_(exp_avg_sqs[i]),
+           amsgrad ? at_(max_exp_avg_sqs[i]) : nullptr, len, consts[i]);
   });
+}
+
+int64_t bits_of(int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "fastopt: bits must be 4 or 8, got ", bits);
+  return bits;
+}
+
+void check_map(const at::Tensor& map, int64_t bits, const char* what) {
+  TORCH_CHECK(map.device().is_cpu() && map.scalar_type() == at::kFloat && map.is_contiguous() &&
+                  map.numel() == (int64_t(1) << bits),
+              "fastopt: ", what, " must be a contiguous float32 CPU tensor of ", (1 << bits), " entries");
+}
+
+void check_quantized(const at::Tensor& codes, const at::Tensor& scales, int64_t n, int64_t bits, const char* what,
+                     int64_t i) {
+  const int64_t blocks = (n + block_size(int(bits)) - 1) / block_size(int(bits));
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.numel() == blocks * block_size(int(bits)) * bits / 8,
+              "fastopt: ", what, "_codes[", i, "] must be a contiguous uint8 CPU tensor of ",
+              blocks * block_size(int(bits)) * bits / 8, " bytes for ", n, " elements at ", bits, " bits");
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == blocks,
+              "fastopt: ", what, "_scales[", i, "] must be a contiguous float32 CPU tensor of ", blocks, " blocks");
+}
+
+void adam_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                         at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_codes,
+                         at::TensorList exp_avg_sq_scales, at::TensorList steps, const at::Tensor& exp_avg_map,
+                         const at::Tensor& exp_avg_sq_map, int64_t bits, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, bool decoupled, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const int64_t n = int64_t(params.size());
+  bits_of(bits);
+  TORCH_CHECK(int64_t(grads.size()) == n && int64_t(exp_avg_codes.size()) == n && int64_t(exp_avg_scales.size()) == n &&
+                  int64_t(exp_avg_sq_codes.size()) == n && int64_t(exp_avg_sq_scales.size()) == n &&
+                  int64_t(steps.size()) == n,
+              "fastopt.adam_step_quantized: all tensor lists must have the same length");
+  check_map(exp_avg_map, bits, "exp_avg_map");
+  check_map(exp_avg_sq_map, bits, "exp_avg_sq_map");
+  std::vector<AdamQFn> fns(n);
+  std::vector<int64_t> sizes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastopt.adam_step_quantized: params[", i,
+                "] must be a contiguous CPU tensor");
+    check_same(p, grads[i], "grads", i);
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "fastopt.adam_step_quantized: grads[", i,
+                "] dtype differs from params[", i, "]");
+    check_quantized(exp_avg_codes[i], exp_avg_scales[i], p.numel(), bits, "exp_avg", i);
+    check_quantized(exp_avg_sq_codes[i], exp_avg_sq_scales[i], p.numel(), bits, "exp_avg_sq", i);
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "fastopt.adam_step_quantized: steps[", i, "] must be a float32 CPU scalar tensor");
+    fns[i] = adam_quantized_kernel(current_isa(), dtype_of(p, "params"), int(bits));
+    sizes[i] = p.numel();
+  }
+  if (skip_step(found_inf)) return;
+  const std::vector<AdamConsts> consts =
+      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale);
+  const int64_t block = block_size(int(bits));
+  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
+    const int64_t blk = off / block;  // chunks start on block boundaries
+    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map) {
+      return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
+                    map.data_ptr<float>()};
+    };
+    fns[i](static_cast<char*>(params[i].data_ptr()) + off * params[i].element_size(),
+           static_cast<const char*>(grads[i].data_ptr()) + off * grads[i].element_size(),
+           state(exp_avg_codes[i], exp_avg_scales[i], exp_avg_map),
+           state(exp_avg_sq_codes[i], exp_avg_sq_scales[i], exp_avg_sq_map), len, consts[i]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {
+  bits_of(bits);
+  check_map(map, bits, "map");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "fastopt.quantize_blockwise: x must be a float32 CPU tensor");
+  const at::Tensor flat = x.contiguous().view(-1);
+  const int64_t n = flat.numel(), block = block_size(int(bits)), blocks = (n + block - 1) / block;
+  at::Tensor codes = at::empty({blocks * block * bits / 8}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({blocks}, x.options());
+  quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, map.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                                            scales.data_ptr<float>());
+  return {codes, scales};
+}
+
+at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map, int64_t bits,
+                                int64_t n) {
+  bits_of(bits);
+  check_map(map, bits, "map");
+  check_quantized(codes, scales, n, bits, "x", 0);
+  at::Tensor out = at::empty({n}, scales.options());
+  dequantize_kernel(current_isa(), int(bits))(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), n,
+                                              map.data_ptr<float>(), out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace
@@ -144,11 +252,24 @@ TORCH_LIBRARY(fastopt, m) {
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_step_quantized(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, "
+      "Tensor(c!)[] exp_avg_scales, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_scales, "
+      "Tensor(f!)[] steps, Tensor exp_avg_map, Tensor exp_avg_sq_map, int bits, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def("quantize_blockwise(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)");
+  m.def("dequantize_blockwise(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor");
   m.def("cpu_isa() -> str", &get_isa);
   m.def("set_cpu_isa(str isa) -> str", &set_isa);
 }
 
-TORCH_LIBRARY_IMPL(fastopt, CPU, m) { m.impl("adam_step", &adam_step); }
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("adam_step", &adam_step);
+  m.impl("adam_step_quantized", &adam_step_quantized);
+  m.impl("quantize_blockwise", &quantize_blockwise);
+  m.impl("dequantize_blockwise", &dequantize_blockwise);
+}
 
 }  // namespace fastopt
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fastopt.ops._backends import resolve, run_contiguous
+from fastopt.quant.formats import Quantized
 
 
 def adam_step(
@@ -37,12 +38,28 @@ def adam_step(
 ) -> None:
     """One step for tensors on one device. ``max_exp_avg_sqs`` is empty unless amsgrad. Params and grads
     share a dtype (fp32/bf16/fp16); the states share theirs; math is fp32 (float64 tensors: float64).
-    ``backend`` None picks the fastest implementation available for the tensors' device."""
+    A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
+    tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
+    only what is stored is quantized. ``backend`` None picks the fastest implementation for the device."""
     if not params:
         return
     backend = resolve(backend, params[0].device)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
               maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]
+    if quantized:
+        if max_exp_avg_sqs:
+            raise ValueError("adam_step: amsgrad is not supported with quantized moments")
+        plain = [i for i in range(len(params)) if i not in set(quantized)]
+        pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+        for bits in sorted({exp_avgs[i].fmt.bits for i in quantized}):
+            idx = [i for i in quantized if exp_avgs[i].fmt.bits == bits]
+            _adam_quantized(pick(params, idx), pick(grads, idx), pick(exp_avgs, idx), pick(exp_avg_sqs, idx),
+                            pick(steps, idx), backend=backend, **hp)
+        params, grads, exp_avgs, exp_avg_sqs, steps = (pick(xs, plain) for xs in (params, grads, exp_avgs,
+                                                                                     exp_avg_sqs, steps))
+        if not params:
+            return
     if backend == "reference":
         _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp)
     elif backend == "cpu":
@@ -56,6 +73,27 @@ def adam_step(
                        [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [grads])
     else:
         raise ValueError(f"unknown backend {backend!r}")
+
+
+def _adam_quantized(params, grads, exp_avgs, exp_avg_sqs, steps, *, backend, **hp) -> None:
+    if backend == "reference":
+        if hp["found_inf"] is not None and hp["found_inf"].item() != 0:
+            return
+        for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            m32, v32 = m.dequantize(p.numel()).view(p.shape), v.dequantize(p.numel()).view(p.shape)
+            _reference([p], [g], [m32], [v32], [], [step], **dict(hp, found_inf=None))
+            m.assign(m32)
+            v.assign(v32)
+    elif backend == "cpu":
+        hp["lr"] = float(hp["lr"])
+        m_fmt, v_fmt = exp_avgs[0].fmt, exp_avg_sqs[0].fmt
+        run_contiguous(lambda ps, g: torch.ops.fastopt.adam_step_quantized(
+            ps, g, [m.codes for m in exp_avgs], [m.scales for m in exp_avgs], [v.codes for v in exp_avg_sqs],
+            [v.scales for v in exp_avg_sqs], steps, m_fmt.table(), v_fmt.table(), m_fmt.bits, **hp), [params], [grads])
+    else:
+        from fastopt.kernels.triton.adam_quantized import adam_step_quantized
+
+        run_contiguous(lambda ps, g: adam_step_quantized(ps, g, exp_avgs, exp_avg_sqs, steps, **hp), [params], [grads])
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

@@ -5,8 +5,13 @@ It owns: param groups and their validation; hyperparameters that are floats, 0-d
 calls); lazy state init; a state_dict that holds only tensors, numbers, strings, lists and dicts;
 GradScaler's fused protocol (``grad_scale`` / ``found_inf``); and the choice of backend per device.
 
-A subclass defines ``_init_state`` (the layout of one parameter's state), ``_check_hyperparameters``
-(errors that name the argument) and ``_update`` (one step for one group, through ``fastopt.ops``).
+It also owns how moments are stored (``state_bits``): in the param's dtype (None, as torch), fp32 (32),
+bf16 (16), or block-quantized 8-/4-bit codes + fp32 scales (fastopt.quant) for tensors of at least
+``min_quant_size`` elements; a quantized moment ``name`` is stored as ``name_codes`` and ``name_scales``.
+
+A subclass names its schedulable ``hyperparameters`` and its moments (``_moment_names``), and defines
+``_check_hyperparameters`` (errors that name the argument) and ``_update`` (one step for one group,
+through ``fastopt.ops``); ``_init_state`` may add more state.
 """
 from __future__ import annotations
 
@@ -18,11 +23,13 @@ from typing import Any, Callable
 import torch
 
 from fastopt.ops import _backends
+from fastopt.quant import formats as quant
 
 # Where a schedule stands in a state_dict: {SCHEDULE_KEY: spec} (or {SCHEDULE_KEY: None} when the
 # callable has no to_dict(); loading then keeps the schedule the optimizer was built with).
 SCHEDULE_KEY = "__schedule__"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
+STATE_BITS = (None, 32, 16, 8, 4)  # None: moments in the param's dtype (torch's behaviour)
 
 
 def is_schedule(value: Any) -> bool:
@@ -59,6 +66,7 @@ def check_range(owner: str, name: str, value: float | torch.Tensor, low: float, 
 class FusedOptimizer(torch.optim.Optimizer):
     # GradScaler hands us grad_scale / found_inf instead of unscaling grads itself: kernels fold them in.
     _step_supports_amp_scaling = True
+    hyperparameters: tuple[str, ...] = ()  # group options that may be schedules or 0-d tensors
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None):
         _backends.check_backend(backend)
@@ -67,9 +75,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ---- subclass interface -------------------------------------------------------------------
+    def _moment_names(self, group: dict) -> list[tuple[str, bool]]:
+        """(state key, signed) of each moment, e.g. [("exp_avg", True), ("exp_avg_sq", False)]."""
+        return []
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         """Fresh state for parameter ``p`` (called on a meta tensor to learn the layout, too)."""
-        raise NotImplementedError
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        for name, signed in self._moment_names(group):
+            state.update(self._new_moment(name, p, group, signed))
+        return state
 
     def _check_hyperparameters(self, hp: dict) -> None:
         """Raises ValueError naming the argument; ``hp`` holds this step's resolved values."""
@@ -78,21 +93,51 @@ class FusedOptimizer(torch.optim.Optimizer):
         """One step of ``params`` (all with grads and initialized state) of one group."""
         raise NotImplementedError
 
+    # ---- moments --------------------------------------------------------------------------------
+    @staticmethod
+    def _storage(p: torch.Tensor, group: dict, signed: bool) -> torch.dtype | quant.QuantFormat:
+        """How a moment of ``p`` is stored under the group's state_bits / min_quant_size."""
+        bits = group.get("state_bits")
+        if bits in (4, 8):
+            return quant.FORMATS[(bits, signed)] if p.numel() >= group["min_quant_size"] else torch.float32
+        return {None: p.dtype, 32: torch.float32, 16: torch.bfloat16}[bits]
+
+    def _new_moment(self, name: str, p: torch.Tensor, group: dict, signed: bool) -> dict:
+        storage = self._storage(p, group, signed)
+        if isinstance(storage, quant.QuantFormat):
+            q = quant.zeros(p.numel(), storage, p.device)
+            return {f"{name}_codes": q.codes, f"{name}_scales": q.scales}
+        return {name: torch.zeros_like(p, dtype=storage, memory_format=torch.contiguous_format)}
+
+    def _moment(self, p: torch.Tensor, group: dict, name: str, signed: bool) -> torch.Tensor | quant.Quantized:
+        """A moment as the ops take it: a float tensor, or codes + scales + format."""
+        storage = self._storage(p, group, signed)
+        state = self.state[p]
+        if isinstance(storage, quant.QuantFormat):
+            return quant.Quantized(state[f"{name}_codes"], state[f"{name}_scales"], storage)
+        return state[name]
+
     # ---- hyperparameters ----------------------------------------------------------------------
     def _hyperparameters(self, group: dict, step: int) -> dict:
         """The group's options with schedules evaluated at ``step``; betas become a tuple of values."""
-        hp = {}
-        for key, value in group.items():
-            if key == "params":
-                continue
-            if key == "betas":
-                hp[key] = tuple(resolve(b, step) for b in value)
-            elif is_schedule(value) or isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
-                hp[key] = resolve(value, step)
-            else:
-                hp[key] = value
+        hp = dict(group)
+        hp.pop("params", None)
+        for key in self.hyperparameters:
+            value = group[key]
+            hp[key] = tuple(resolve(b, step) for b in value) if key == "betas" else resolve(value, step)
         self._check_hyperparameters(hp)
         return hp
+
+    def _check_options(self, options: dict) -> None:
+        """Storage options every optimizer shares."""
+        bits = options.get("state_bits")
+        if bits not in STATE_BITS:
+            raise ValueError(f"{self._name}: state_bits must be one of {STATE_BITS}, got {bits!r}")
+        size = options.get("min_quant_size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{self._name}: min_quant_size must be an integer >= 0, got {size!r}")
+        if bits in (4, 8) and options.get("amsgrad"):
+            raise ValueError(f"{self._name}: amsgrad is not supported with state_bits={bits} (use 32, 16 or None)")
 
     @property
     def _name(self) -> str:
@@ -119,6 +164,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "betas" in options and len(options["betas"]) != 2:
             raise ValueError(f"{self._name}: betas must be a pair (beta1, beta2), got {options['betas']!r}")
+        self._check_options(options)
         self._hyperparameters(options, self._step_count)
         super().add_param_group(param_group)
 
@@ -212,22 +258,64 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._init_state(torch.empty_like(p, device="meta"), group)
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
-        layout = self._state_layout(p, group)
-        if set(state) != set(layout):
-            raise ValueError(f"{self._name}.load_state_dict: state of param {index} has keys {sorted(state)}, "
-                             f"expected {sorted(layout)} (a state_dict from another optimizer or configuration?)")
-        for key, want in layout.items():
-            got = state[key]
-            if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or got.shape != want.shape):
-                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"{self._name}.load_state_dict: state[{key!r}] of param {index} has shape {shape}, "
-                                 f"expected {tuple(want.shape)}")
+        """Checks keys and shapes; a moment may come as a float tensor or quantized, whatever this optimizer keeps."""
+        where = f"{self._name}.load_state_dict: state of param {index}"
+        expected = set(self._state_layout(p, group))
+        for name, _ in self._moment_names(group):
+            expected -= {name, f"{name}_codes", f"{name}_scales"}
+            if name in state:
+                got = state[name]
+                if not isinstance(got, torch.Tensor) or got.shape != p.shape:
+                    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                    raise ValueError(f"{self._name}.load_state_dict: state[{name!r}] of param {index} has shape "
+                                     f"{shape}, expected {tuple(p.shape)}")
+            elif f"{name}_codes" in state and f"{name}_scales" in state:
+                _loaded_format(state, name, p.numel(), True, where)
+            else:
+                raise ValueError(f"{where} has keys {sorted(state)}, missing {name!r} (a state_dict from another "
+                                 "optimizer or configuration?)")
+        others = {k for k in state if not any(k in (n, f"{n}_codes", f"{n}_scales") for n, _ in self._moment_names(group))}
+        if others != expected:
+            raise ValueError(f"{where} has keys {sorted(state)}, expected {sorted(self._state_layout(p, group))} "
+                             "(a state_dict from another optimizer or configuration?)")
 
     def _conform_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        """After loading: each state tensor in the dtype this optimizer keeps, on the parameter's device."""
+        """After loading: every state tensor on the parameter's device, moments stored as this optimizer keeps them
+        (an fp32 checkpoint is quantized for state_bits=4, a 4-bit one decoded for state_bits=32, ...)."""
+        moments = self._moment_names(group)
+        for name, signed in moments:
+            if name in state:
+                value = state.pop(name).to(device=p.device)
+            else:
+                fmt = _loaded_format(state, name, p.numel(), signed, "")
+                codes, scales = state.pop(f"{name}_codes").to(p.device), state.pop(f"{name}_scales").to(p.device)
+                value = quant.Quantized(codes, scales, fmt)
+            want = self._storage(p, group, signed)
+            if isinstance(want, quant.QuantFormat):
+                if isinstance(value, quant.Quantized) and value.fmt == want:
+                    stored = value
+                else:
+                    values = value.dequantize(p.numel()) if isinstance(value, quant.Quantized) else value
+                    stored = quant.Quantized(*quant.encode(values.float(), want), want)
+                state[f"{name}_codes"], state[f"{name}_scales"] = stored.codes.contiguous(), stored.scales.contiguous()
+            else:
+                values = value.dequantize(p.numel()).view(p.shape) if isinstance(value, quant.Quantized) else value
+                state[name] = values.to(dtype=want, memory_format=torch.contiguous_format)
+        names = {n for n, _ in moments}
         for key, want in self._state_layout(p, group).items():
-            if isinstance(want, torch.Tensor):
+            if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
                 state[key] = state[key].to(device=p.device, dtype=want.dtype, memory_format=torch.contiguous_format)
+
+
+def _loaded_format(state: dict, name: str, n: int, signed: bool, where: str) -> quant.QuantFormat:
+    """The format of a loaded quantized moment, recognized from its sizes."""
+    codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
+    for bits in (4, 8):
+        fmt = quant.FORMATS[(bits, signed)]
+        if codes.numel() == fmt.code_bytes(n) and scales.numel() == fmt.num_blocks(n) and codes.dtype == torch.uint8:
+            return fmt
+    raise ValueError(f"{where}: {name}_codes ({codes.numel()} bytes) and {name}_scales ({scales.numel()}) do not "
+                     f"hold {n} elements in a 4- or 8-bit format")
 
 
 def _pack_schedule(value: Any) -> Any:

@@ -1,0 +1,97 @@
+"""The block formats: maps and codes identical to torchao's (bit for bit), every backend identical to the
+reference, round-trip error within the map's resolution, zero blocks, and tails that break blocking."""
+import warnings
+
+import pytest
+import torch
+
+from fastopt.ops.quant import dequantize, quantize
+from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, decode, encode, zeros
+from tests.conftest import cpu_isas
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from torchao.optim import quant_utils as torchao_quant
+
+FMT_IDS = [f.name for f in FORMATS.values()]
+BACKENDS = [("cpu", isa) for isa in cpu_isas()]
+
+
+def torchao_map(fmt):
+    if fmt is UNSIGNED_4BIT:
+        return torch.linspace(0, 1, 17)[1:]  # torchao's 4-bit second-moment map: linear, no zero
+    return torch.tensor(torchao_quant.create_dynamic_map(fmt.qmap[0] < 0, 3 if fmt.bits == 4 else 7, fmt.bits))
+
+
+def blocks_with_spread(fmt, blocks=64, seed=0):
+    """Random blocks whose magnitudes span many decades (as optimizer moments do), signed as the format."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(blocks, fmt.block, generator=g) * torch.logspace(-8, 1, blocks)[:, None]
+    x = x * torch.rand(blocks, fmt.block, generator=g) ** 4
+    return (x if fmt.qmap[0] < 0 else x.abs()).reshape(-1)
+
+
+def unpack(codes, fmt):
+    return torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1) if fmt.bits == 4 else codes
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_map_equals_torchao(fmt):
+    assert torch.equal(fmt.table(), torchao_map(fmt).float())
+    assert len(fmt.qmap) == 2**fmt.bits and list(fmt.qmap) == sorted(fmt.qmap)
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_codes_equal_torchao_quantizer(fmt):
+    x = blocks_with_spread(fmt)
+    scaled, scales = torchao_quant.scale_tensor(x.clone(), fmt.block)
+    search = torchao_quant.quantize_4bit_with_qmap if fmt.bits == 4 else torchao_quant.quantize_8bit_with_qmap
+    want = search(scaled, fmt.table())
+    codes, ours = encode(x, fmt)
+    assert torch.equal(ours, scales)
+    assert torch.equal(unpack(codes, fmt), want)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" for b, i in BACKENDS])
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 255, 257, 4097, 100_003])
+def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n, cpu_isa_setting=None):
+    torch.ops.fastopt.set_cpu_isa(isa)
+    try:
+        x = blocks_with_spread(fmt, blocks=-(-n // fmt.block), seed=n)[:n]
+        want_codes, want_scales = encode(x, fmt)
+        codes, scales = quantize(x, fmt, backend=backend)
+        assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+        assert torch.equal(dequantize(codes, scales, fmt, n, backend=backend), decode(codes, scales, fmt, n))
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_round_trip_error_within_resolution(fmt):
+    """|decode(encode(x)) − x| ≤ the map's resolution times the block's scale: half its widest gap (nearest
+    rounding), or the distance from an end of x/scale's range ([-1, 1] or [0, 1]) to the nearest map entry."""
+    x = blocks_with_spread(fmt, seed=3)
+    codes, scales = encode(x, fmt)
+    err = (decode(codes, scales, fmt, x.numel()) - x).abs().view(-1, fmt.block)
+    table = fmt.table()
+    low_end = -1.0 if fmt.qmap[0] < 0 else 0.0
+    resolution = max(((table[1:] - table[:-1]).max() / 2).item(), table[0].item() - low_end, 1.0 - table[-1].item())
+    bound = (resolution + 1e-6) * scales[:, None]  # + fp32 rounding of the decode itself
+    assert (err <= bound).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_zeros_decode_to_zero(fmt):
+    """Scale 0 means zero whatever the codes say (the unsigned 4-bit map has no 0): this is what a reset writes."""
+    q = zeros(1000, fmt, "cpu")
+    assert q.codes.numel() == fmt.code_bytes(1000) and q.scales.numel() == fmt.num_blocks(1000)
+    assert torch.equal(q.dequantize(1000), torch.zeros(1000))
+    codes, scales = encode(torch.zeros(300), fmt)
+    assert torch.equal(scales, torch.zeros(fmt.num_blocks(300)))
+    assert torch.equal(decode(codes, scales, fmt, 300), torch.zeros(300))
+
+
+def test_bytes_per_parameter():
+    assert SIGNED_4BIT.bytes_per_element() * 2 == pytest.approx(1.0625)
+    assert FORMATS[(8, True)].bytes_per_element() * 2 == pytest.approx(2 + 8 / 256)
