@@ -86,7 +86,8 @@ void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
 // Increments each step and folds this step's per-tensor constants on the host, in double.
 std::vector<AdamConsts> step_consts(at::TensorList steps, double lr, double beta1, double beta2, double eps,
                                     double weight_decay, bool decoupled, bool maximize,
-                                    const std::optional<at::Tensor>& grad_scale) {
+                                    const std::optional<at::Tensor>& grad_scale, bool independent_decay) {
+  const double decay = 1.0 - (independent_decay ? 1.0 : lr) * weight_decay;
   double grad_mul = maximize ? -1.0 : 1.0;
   if (grad_scale.has_value() && grad_scale->defined()) grad_mul /= grad_scale->item<double>();
   std::vector<AdamConsts> consts(steps.size());
@@ -97,7 +98,7 @@ std::vector<AdamConsts> step_consts(at::TensorList steps, double lr, double beta
     const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
     consts[i] = AdamConsts{float(grad_mul),
                            float(decoupled ? 0.0 : weight_decay),
-                           float(decoupled ? 1.0 - lr * weight_decay : 1.0),
+                           float(decoupled ? decay : 1.0),
                            float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
                            float(lr / bc1), float(1.0 / std::sqrt(bc2)), float(eps)};
   }
@@ -112,7 +113,8 @@ bool skip_step(const std::optional<at::Tensor>& found_inf) {
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool decoupled, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               bool independent_decay) {
   const int64_t n = int64_t(params.size());
   const bool amsgrad = !max_exp_avg_sqs.empty();
   TORCH_CHECK(int64_t(grads.size()) == n && int64_t(exp_avgs.size()) == n && int64_t(exp_avg_sqs.size()) == n &&
@@ -143,7 +145,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   }
   if (skip_step(found_inf)) return;
   const std::vector<AdamConsts> consts =
-      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale);
+      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
     auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
     fns[i](at_(params[i]), at_(grads[i]), at_(exp_avgs[i]), at_(exp_avg_sqs[i]),
@@ -179,7 +181,8 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList exp_avg_sq_scales, at::TensorList steps, const at::Tensor& exp_avg_map,
                          const at::Tensor& exp_avg_sq_map, int64_t bits, double lr, double beta1, double beta2,
                          double eps, double weight_decay, bool decoupled, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         bool independent_decay) {
   const int64_t n = int64_t(params.size());
   bits_of(bits);
   TORCH_CHECK(int64_t(grads.size()) == n && int64_t(exp_avg_codes.size()) == n && int64_t(exp_avg_scales.size()) == n &&
@@ -206,7 +209,7 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
   }
   if (skip_step(found_inf)) return;
   const std::vector<AdamConsts> consts =
-      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale);
+      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
   const int64_t block = block_size(int(bits));
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
     const int64_t blk = off / block;  // chunks start on block boundaries
@@ -251,13 +254,14 @@ TORCH_LIBRARY(fastopt, m) {
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool independent_decay=False) -> ()");
   m.def(
       "adam_step_quantized(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, "
       "Tensor(c!)[] exp_avg_scales, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_scales, "
       "Tensor(f!)[] steps, Tensor exp_avg_map, Tensor exp_avg_sq_map, int bits, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, bool independent_decay=False) -> ()");
   m.def("quantize_blockwise(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)");
   m.def("dequantize_blockwise(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor");
   m.def("cpu_isa() -> str", &get_isa);

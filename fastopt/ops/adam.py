@@ -4,6 +4,7 @@ that agree: ``reference`` (pure torch, the ground truth), ``cpu`` (C++, torch.op
 whole step, step counts included, is skipped.
 
     decoupled (AdamW):  p ← p·(1 − lr·wd)          coupled (Adam):  g ← g + wd·p
+                        (independent_decay: p ← p·(1 − wd), Wortsman et al. 2023)
     m ← β1·m + (1−β1)·g        v ← β2·v + (1−β2)·g²        (amsgrad: v̂ ← max(v̂, v), used in place of v)
     p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)
 """
@@ -32,6 +33,7 @@ def adam_step(
     weight_decay: float,
     decoupled: bool,
     maximize: bool = False,
+    independent_decay: bool = False,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
@@ -45,7 +47,7 @@ def adam_step(
         return
     backend = resolve(backend, params[0].device)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-              maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+              maximize=maximize, independent_decay=independent_decay, grad_scale=grad_scale, found_inf=found_inf)
     quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]
     if quantized:
         if max_exp_avg_sqs:
@@ -97,7 +99,7 @@ def _adam_quantized(params, grads, exp_avgs, exp_avg_sqs, steps, *, backend, **h
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-               weight_decay, decoupled, maximize, grad_scale, found_inf) -> None:
+               weight_decay, decoupled, maximize, independent_decay, grad_scale, found_inf) -> None:
     if found_inf is not None and found_inf.item() != 0:
         return
     amsgrad = len(max_exp_avg_sqs) > 0
@@ -111,7 +113,7 @@ def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         if maximize:
             grad = -grad
         if decoupled:
-            param = param * (1 - lr * weight_decay)
+            param = param * (1 - (1 if independent_decay else lr) * weight_decay)
         else:
             grad = grad + weight_decay * param
         exp_avg = beta1 * exp_avgs[i].to(compute) + (1 - beta1) * grad

@@ -17,14 +17,17 @@ class Adam(FusedOptimizer):
     every dtype. ``state_bits`` stores the moments in the param's dtype (None, torch's behaviour), fp32 (32),
     bf16 (16), or block-quantized 8-bit (2.03 bytes/param for both) or 4-bit (1.06 bytes/param); tensors
     under ``min_quant_size`` elements keep fp32 moments. Per param group, like the hyperparameters.
+    ``independent_weight_decay=True`` decays by ``weight_decay`` itself, not ``lr·weight_decay`` (Wortsman et
+    al. 2023: weight decay independent of the learning rate; schedule ``weight_decay`` to follow the lr shape).
     """
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=False, state_bits=None, min_quant_size=4096, backend=None):
+                 maximize=False, decoupled_weight_decay=False, independent_weight_decay=False, state_bits=None,
+                 min_quant_size=4096, backend=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay, state_bits=state_bits,
-                        min_quant_size=min_quant_size)
+                        decoupled_weight_decay=decoupled_weight_decay, independent_weight_decay=independent_weight_decay,
+                        state_bits=state_bits, min_quant_size=min_quant_size)
         super().__init__(params, defaults, backend=backend)
 
     def __setstate__(self, state):  # also runs on load_state_dict: fill options a torch checkpoint may lack
@@ -33,10 +36,13 @@ class Adam(FusedOptimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+            group.setdefault("independent_weight_decay", False)
             group.setdefault("state_bits", None)
             group.setdefault("min_quant_size", 4096)
 
     def _check_hyperparameters(self, hp: dict) -> None:
+        if hp.get("independent_weight_decay") and not hp.get("decoupled_weight_decay"):
+            raise ValueError(f"{self._name}: independent_weight_decay=True needs decoupled weight decay (AdamW)")
         check_range(self._name, "lr", hp["lr"], 0.0)
         check_range(self._name, "eps", hp["eps"], 0.0)
         check_range(self._name, "weight_decay", hp["weight_decay"], 0.0)
@@ -59,6 +65,7 @@ class Adam(FusedOptimizer):
                       [s["step"] for s in states], lr=lr, beta1=as_float(beta1), beta2=as_float(beta2),
                       eps=as_float(hp["eps"]), weight_decay=as_float(hp["weight_decay"]),
                       decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
+                      independent_decay=group["independent_weight_decay"],
                       grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                       found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
                       backend=backend)
@@ -68,10 +75,11 @@ class AdamW(Adam):
     """AdamW (decoupled weight decay, default 1e-2), drop-in for torch.optim.AdamW. See :class:`Adam`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, state_bits=None, min_quant_size=4096, backend=None):
+                 maximize=False, independent_weight_decay=False, state_bits=None, min_quant_size=4096,
+                 backend=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, state_bits=state_bits, min_quant_size=min_quant_size,
-                         backend=backend)
+                         decoupled_weight_decay=True, independent_weight_decay=independent_weight_decay,
+                         state_bits=state_bits, min_quant_size=min_quant_size, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)

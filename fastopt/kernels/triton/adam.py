@@ -25,7 +25,7 @@ NUM_WARPS = 4
 @triton.jit
 def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
                 n, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_sign,
-                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+                DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
     if HAS_FOUND_INF:  # GradScaler found inf/NaN: the step touches nothing
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
@@ -42,7 +42,10 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_sca
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
     if DECOUPLED:
-        param = param * (1.0 - lr * weight_decay)
+        if INDEPENDENT_DECAY:
+            param = param * (1.0 - weight_decay)
+        else:
+            param = param * (1.0 - lr * weight_decay)
     else:
         grad = grad + weight_decay * param
     exp_avg = beta1 * tl.load(m_ptr + offs, mask=mask).to(tl.float32) + (1.0 - beta1) * grad
@@ -62,7 +65,7 @@ def _log(beta: float) -> float:
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-              weight_decay, decoupled, maximize, grad_scale=None, found_inf=None) -> None:
+              weight_decay, decoupled, maximize, independent_decay=False, grad_scale=None, found_inf=None) -> None:
     """Launches one kernel per tensor (all on one device, contiguous). See fastopt.ops.adam.adam_step."""
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
@@ -79,5 +82,5 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
             any_ptr if found_inf is None else found_inf,
             n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay,
             -1.0 if maximize else 1.0,
-            DECOUPLED=decoupled, AMSGRAD=amsgrad, LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None,
+            DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad, LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)

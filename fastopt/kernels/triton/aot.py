@@ -42,7 +42,7 @@ class Variant:
 def adam_variants():
     """(name, fn, signature, constexprs) for every dtype pair and two flag settings (all off / all on)."""
     dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")]
-    flag_names = ["DECOUPLED", "AMSGRAD", "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
+    flag_names = ["DECOUPLED", "INDEPENDENT_DECAY", "AMSGRAD", "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
     for (param, state), on in itertools.product(dtype_pairs, [False, True]):
         signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
                      "vmax_ptr": f"*{state}", "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
