@@ -30,6 +30,9 @@ from fastopt.quant import formats as quant
 SCHEDULE_KEY = "__schedule__"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
 STATE_BITS = (None, 32, 16, 8, 4)  # None: moments in the param's dtype (torch's behaviour)
+# How this optimizer stores its state: kept on load_state_dict (a checkpoint's state is converted to it),
+# unlike hyperparameters, which the checkpoint sets as in torch.
+STORAGE_OPTIONS = ("state_bits", "min_quant_size")
 
 
 def is_schedule(value: Any) -> bool:
@@ -84,6 +87,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
         for name, signed in self._moment_names(group):
             state.update(self._new_moment(name, p, group, signed))
+        if any(key.endswith("_codes") for key in state):  # codes alone do not tell the shape they belong to
+            state["param_shape"] = torch.tensor(list(p.shape), dtype=torch.int64)
         return state
 
     def _check_hyperparameters(self, hp: dict) -> None:
@@ -221,14 +226,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads torch's layout (e.g. a torch.optim.AdamW checkpoint) or ours; checks every state tensor's keys
-        and shapes against this optimizer before changing anything."""
+        and shapes against this optimizer before changing anything. Hyperparameters come from the checkpoint;
+        the storage options (state_bits, min_quant_size) stay this optimizer's, and loaded moments are converted."""
         state_dict = dict(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{self._name}.load_state_dict: the state_dict has {len(groups)} param groups, "
                              f"this optimizer {len(self.param_groups)}")
         state_dict["param_groups"] = [
-            {k: _unpack_schedule(v, mine.get(k), k, self._name) for k, v in saved.items()}
+            {**{k: _unpack_schedule(v, mine.get(k), k, self._name) for k, v in saved.items()},
+             **{k: mine[k] for k in STORAGE_OPTIONS if k in mine}}
             for saved, mine in zip(groups, self.param_groups)]
         index = 0
         for g, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
@@ -260,7 +267,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_loaded_state(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
         """Checks keys and shapes; a moment may come as a float tensor or quantized, whatever this optimizer keeps."""
         where = f"{self._name}.load_state_dict: state of param {index}"
-        expected = set(self._state_layout(p, group))
+        if "param_shape" in state and state["param_shape"].tolist() != list(p.shape):
+            raise ValueError(f"{where} is for a parameter of shape {tuple(state['param_shape'].tolist())}, "
+                             f"this one has shape {tuple(p.shape)}")
+        expected = set(self._state_layout(p, group)) - {"param_shape"}
         for name, _ in self._moment_names(group):
             expected -= {name, f"{name}_codes", f"{name}_scales"}
             if name in state:
@@ -274,7 +284,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 raise ValueError(f"{where} has keys {sorted(state)}, missing {name!r} (a state_dict from another "
                                  "optimizer or configuration?)")
-        others = {k for k in state if not any(k in (n, f"{n}_codes", f"{n}_scales") for n, _ in self._moment_names(group))}
+        others = {k for k in state if k != "param_shape"
+                  and not any(k in (n, f"{n}_codes", f"{n}_scales") for n, _ in self._moment_names(group))}
         if others != expected:
             raise ValueError(f"{where} has keys {sorted(state)}, expected {sorted(self._state_layout(p, group))} "
                              "(a state_dict from another optimizer or configuration?)")
@@ -302,9 +313,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 values = value.dequantize(p.numel()).view(p.shape) if isinstance(value, quant.Quantized) else value
                 state[name] = values.to(dtype=want, memory_format=torch.contiguous_format)
         names = {n for n, _ in moments}
-        for key, want in self._state_layout(p, group).items():
+        layout = self._state_layout(p, group)
+        state.pop("param_shape", None)
+        if "param_shape" in layout:
+            state["param_shape"] = layout["param_shape"]
+        for key, want in layout.items():
             if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
-                state[key] = state[key].to(device=p.device, dtype=want.dtype, memory_format=torch.contiguous_format)
+                state[key] = state[key].to(device=want.device if key == "param_shape" else p.device, dtype=want.dtype,
+                                           memory_format=torch.contiguous_format)
 
 
 def _loaded_format(state: dict, name: str, n: int, signed: bool, where: str) -> quant.QuantFormat:

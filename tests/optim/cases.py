@@ -36,4 +36,15 @@ CASES = [
          lambda ps, **kw: torch.optim.AdamW(ps, **{"lr": 1e-2, "amsgrad": True, "maximize": True, **kw}), ADAM_BAD),
     Case("Adam-l2", lambda ps, **kw: fastopt.Adam(ps, **{"lr": 1e-2, "weight_decay": 0.1, **kw}),
          lambda ps, **kw: torch.optim.Adam(ps, **{"lr": 1e-2, "weight_decay": 0.1, **kw}), ADAM_BAD),
+    Case("AdamW-bf16-states", lambda ps, **kw: fastopt.AdamW(ps, **{"lr": 1e-2, "state_bits": 16, **kw}), None,
+         ADAM_BAD),
 ]
+STATE_BITS_BAD = [
+    (dict(state_bits=3), r"state_bits must be one of \(None, 32, 16, 8, 4\), got 3"),
+    (dict(amsgrad=True), r"amsgrad is not supported with state_bits="),
+    (dict(min_quant_size=-1), r"min_quant_size must be an integer >= 0, got -1"),
+]
+for _bits in (8, 4):  # min_quant_size=0: the small test models' tensors are quantized too
+    CASES.append(Case(f"AdamW-{_bits}bit", lambda ps, _b=_bits, **kw: fastopt.AdamW(
+        ps, **{"lr": 1e-2, "state_bits": _b, "min_quant_size": 0, **kw}), None, ADAM_BAD + STATE_BITS_BAD))
+TWIN_CASES = [c for c in CASES if c.torch_twin is not None]

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import fastopt
-from tests.optim.cases import CASES
+from tests.optim.cases import CASES, TWIN_CASES
 
 BACKENDS = ["reference", "cpu", "triton"]
 case_ids = [c.id for c in CASES]
+twin_ids = [c.id for c in TWIN_CASES]
 
 
 def model(seed=0, dtype=torch.float32):
@@ -39,7 +40,7 @@ def flat(net):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("case", TWIN_CASES, ids=twin_ids)
 def test_trajectory_matches_torch(case, backend):
     """50 steps of a small model in fp32 track torch.optim to ~1e-6 relative."""
     ours, theirs = model(), model()
@@ -50,7 +51,7 @@ def test_trajectory_matches_torch(case, backend):
     assert (a - b).norm() / b.norm() < 1e-6, (a - b).abs().max()
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("case", TWIN_CASES, ids=twin_ids)
 def test_state_dict_round_trip_through_torch(case):
     """fastopt → torch.optim → fastopt: both continue exactly as the uninterrupted run, state keys as torch's."""
     data = batches(20)
@@ -140,7 +141,7 @@ def test_state_dict_from_another_optimizer_or_shape_is_rejected(case):
     other = torch.nn.Sequential(torch.nn.Linear(12, 31), torch.nn.Tanh(), torch.nn.Linear(31, 5))
     other_opt = case.make(other.parameters())
     train(other, other_opt, batches(2))
-    with pytest.raises(ValueError, match=r"state\['exp_avg'\] of param 0 has shape \(31, 12\), expected \(32, 12\)"):
+    with pytest.raises(ValueError, match=r"param 0 .*shape \(31, 12\).* \(32, 12\)"):
         opt.load_state_dict(other_opt.state_dict())
     for k, v in opt.state[next(net.parameters())].items():
         assert torch.equal(v, before[k])
@@ -170,7 +171,7 @@ def test_closure_hooks_and_zero_grad(case):
     opt.step()  # no grads: nothing happens, nothing fails
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_ids)
+@pytest.mark.parametrize("case", TWIN_CASES, ids=twin_ids)
 def test_param_group_added_later(case):
     """A group added mid-training (with its own lr) starts from fresh state, exactly as in torch.optim."""
     ours, theirs = model(), model()

@@ -14,7 +14,7 @@ with warnings.catch_warnings():
     from torchao.optim import quant_utils as torchao_quant
 
 FMT_IDS = [f.name for f in FORMATS.values()]
-BACKENDS = [("cpu", isa) for isa in cpu_isas()]
+BACKENDS = [("cpu", isa) for isa in cpu_isas()] + [("triton", None)]
 
 
 def torchao_map(fmt):
@@ -52,11 +52,11 @@ def test_codes_equal_torchao_quantizer(fmt):
     assert torch.equal(unpack(codes, fmt), want)
 
 
-@pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" for b, i in BACKENDS])
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" if i else b for b, i in BACKENDS])
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 255, 257, 4097, 100_003])
-def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n, cpu_isa_setting=None):
-    torch.ops.fastopt.set_cpu_isa(isa)
+def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n):
+    torch.ops.fastopt.set_cpu_isa(isa or "auto")
     try:
         x = blocks_with_spread(fmt, blocks=-(-n // fmt.block), seed=n)[:n]
         want_codes, want_scales = encode(x, fmt)

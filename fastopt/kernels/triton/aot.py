@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastopt.kernels.triton import adam  # noqa: E402
+from fastopt.kernels.triton import adam, adam_quantized, quant  # noqa: E402
 
 
 @dataclass
@@ -55,6 +55,32 @@ def adam_variants():
         yield "adam", adam.adam_kernel, f"{param}/{state}", "all on" if on else "all off", signature, constexprs
 
 
+def quant_variants():
+    """The codec kernels and the quantized Adam step, at 4 and 8 bits, for fp32 and bf16 params."""
+    for bits in (4, 8):
+        block, nb = (128 if bits == 4 else 256), quant.blocks_per_program(bits)
+        tile = {"BITS": bits, "QBLOCK": block, "NB": nb}
+        yield ("quantize", quant.quantize_kernel, f"{bits}-bit", "-",
+               {"x_ptr": "*fp32", "codes_ptr": "*u8", "scales_ptr": "*fp32", "map_ptr": "*fp32", "n": "i64",
+                **{k: "constexpr" for k in tile}}, tile)
+        yield ("dequantize", quant.dequantize_kernel, f"{bits}-bit", "-",
+               {"codes_ptr": "*u8", "scales_ptr": "*fp32", "map_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64",
+                **{k: "constexpr" for k in tile}}, tile)
+        for param, on in itertools.product(("fp32", "bf16"), (False, True)):
+            signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32",
+                         "vc_ptr": "*u8", "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32",
+                         "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+                         "n": "i64"}
+            signature.update({k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps",
+                                                  "weight_decay", "grad_sign"]})
+            constexprs = {k: on for k in ["DECOUPLED", "INDEPENDENT_DECAY", "LR_IS_TENSOR", "HAS_GRAD_SCALE",
+                                          "HAS_FOUND_INF"]}
+            constexprs.update(tile)
+            signature.update({k: "constexpr" for k in constexprs})
+            yield ("adam_quantized", adam_quantized.adam_quantized_kernel, f"{param}/{bits}-bit",
+                   "all on" if on else "all off", signature, constexprs)
+
+
 def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Variant:
     # Pointers and sizes are 16-byte divisible, as torch's allocations are: this is what allows 128-bit access.
     hinted = [i for i, (k, t) in enumerate(signature.items()) if t.startswith("*") or k == "n"]
@@ -72,7 +98,7 @@ def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Var
 
 
 def compile_all(archs=(80, 90)) -> list[Variant]:
-    return [compile_variant(*v, arch) for arch in archs for v in adam_variants()]
+    return [compile_variant(*v, arch) for arch in archs for v in itertools.chain(adam_variants(), quant_variants())]
 
 
 def main(argv=None) -> int:
@@ -84,9 +110,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:
-        print(f"{'kernel':8} {'sm':>3} {'dtypes':10} {'flags':8} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
+        print(f"{'kernel':14} {'sm':>3} {'dtypes':12} {'flags':8} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
         for r in results:
-            print(f"{r.kernel:8} {r.arch:>3} {r.dtypes:10} {r.flags:8} {'yes' if r.ok else 'NO':3} "
+            print(f"{r.kernel:14} {r.arch:>3} {r.dtypes:12} {r.flags:8} {'yes' if r.ok else 'NO':3} "
                   f"{r.v4_loads:>5} {r.v4_stores:>5} {r.spills:>6}  {r.error}")
     return 0 if all(r.ok for r in results) else 1
 

@@ -1,0 +1,101 @@
+"""Triton block codecs for fastopt.quant formats: device helpers shared with the fused optimizer kernels, and
+standalone quantize / dequantize kernels. Same arithmetic as the reference (fastopt/quant/formats.py): codes
+are equal bit for bit. A program handles NB whole quantization blocks as an [NB, QBLOCK] tile, so a block's
+absmax is a row reduction in registers."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_WARPS = 4
+
+
+def blocks_per_program(bits: int) -> int:
+    return 8 if bits == 4 else 4  # 1024 elements per program either way
+
+
+@triton.jit
+def load_codes(codes_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+    """The [NB, QBLOCK] int32 codes of blocks ``rows``; 4-bit codes are unpacked (even element = low nibble)."""
+    if BITS == 4:
+        offs = rows[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]
+        packed = tl.load(codes_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 15, packed >> 4), (rows.shape[0], QBLOCK))
+    else:
+        offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        codes = tl.load(codes_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)
+    return codes
+
+
+@triton.jit
+def decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+    """fp32 values of blocks ``rows`` as an [NB, QBLOCK] tile: map[code] · scale."""
+    codes = load_codes(codes_ptr, rows, row_mask, BITS, QBLOCK)
+    scales = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)
+    return tl.load(map_ptr + codes) * scales[:, None]
+
+
+@triton.jit
+def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+    """Quantizes an [NB, QBLOCK] fp32 tile (padding already zero) and stores its codes and scales.
+    Nearest map entry as torchao finds it: binary search, then up when the residual is >= half the gap."""
+    scale = tl.max(tl.abs(x), axis=1)
+    y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)[:, None])  # IEEE division: codes must match exactly
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    for i in tl.static_range(BITS):
+        step = 1 << (BITS - 1 - i)
+        code += tl.where(y >= tl.load(map_ptr + code + step), step, 0)
+    up = tl.minimum(code + 1, (1 << BITS) - 1)
+    low = tl.load(map_ptr + code)
+    high = tl.load(map_ptr + up)
+    code = tl.where(y - low >= (high - low) * 0.5, up, code)
+    if BITS == 4:
+        pairs = tl.reshape(code, (x.shape[0], QBLOCK // 2, 2))
+        even, odd = tl.split(pairs)
+        offs = rows[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]
+        tl.store(codes_ptr + offs, (even | (odd << 4)).to(tl.uint8), mask=row_mask[:, None])
+    else:
+        offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        tl.store(codes_ptr + offs, code.to(tl.uint8), mask=row_mask[:, None])
+    tl.store(scales_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
+def quantize_kernel(x_ptr, codes_ptr, scales_ptr, map_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                    NB: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    row_mask = rows < tl.cdiv(n, QBLOCK)
+    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
+
+
+@triton.jit
+def dequantize_kernel(codes_ptr, scales_ptr, map_ptr, out_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                      NB: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    row_mask = rows < tl.cdiv(n, QBLOCK)
+    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    x = decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
+    tl.store(out_ptr + offs, x, mask=offs < n)
+
+
+def quantize(x: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    codes = torch.empty(fmt.code_bytes(n), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(fmt.num_blocks(n), dtype=torch.float32, device=x.device)
+    nb = blocks_per_program(fmt.bits)
+    quantize_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](x, codes, scales, fmt.table(x.device), n, BITS=fmt.bits,
+                                                          QBLOCK=fmt.block, NB=nb, num_warps=NUM_WARPS)
+    return codes, scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt, n: int) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    nb = blocks_per_program(fmt.bits)
+    dequantize_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](codes, scales, fmt.table(codes.device), out, n,
+                                                            BITS=fmt.bits, QBLOCK=fmt.block, NB=nb,
+                                                            num_warps=NUM_WARPS)
+    return out
