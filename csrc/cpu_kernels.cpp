@@ -2,6 +2,9 @@
 // baseline x86-64 (scalar/SSE2). The wheel is built without -march=native; the ISA is picked at run time.
 #include <algorithm>
 #include <cmath>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 #include "kernels.h"
 
 namespace fastopt {
@@ -9,10 +12,15 @@ namespace fastopt {
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_* in its headers
 namespace avx512 {
+#define FASTOPT_AVX512_REGION
 #include "adam_body.inc"
 #include "quant_body.inc"
+#undef FASTOPT_AVX512_REGION
 }
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -68,6 +76,8 @@ AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits) {
     default: return scalar::adam_quantized_kernel(param, bits);
   }
 }
+
+void code_thresholds(const float* map, int bits, float* thresholds) { scalar::code_thresholds(map, bits, thresholds); }
 
 QuantizeFn quantize_kernel(Isa isa, int bits) {
   switch (isa) {

@@ -35,14 +35,17 @@ constexpr int block_size(int bits) { return bits == 4 ? 128 : 256; }
 struct QState {
   uint8_t* codes;
   float* scales;
-  const float* map;
+  const float* map;         // 2^bits values, for decoding
+  const float* thresholds;  // 2^bits code thresholds (code_thresholds), for encoding
 };
 
 // Adam with both moments quantized (same bits); the chunk starts on a block boundary.
 using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, const AdamConsts& c);
 AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits);
 
-using QuantizeFn = void (*)(const float* x, int64_t n, const float* map, uint8_t* codes, float* scales);
+// thresholds[k] = the smallest y (= x / scale) whose nearest map entry is above k; computed once per call.
+void code_thresholds(const float* map, int bits, float* thresholds);
+using QuantizeFn = void (*)(const float* x, int64_t n, const float* thresholds, uint8_t* codes, float* scales);
 using DequantizeFn = void (*)(const uint8_t* codes, const float* scales, int64_t n, const float* map, float* out);
 QuantizeFn quantize_kernel(Isa isa, int bits);
 DequantizeFn dequantize_kernel(Isa isa, int bits);

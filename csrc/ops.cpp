@@ -211,16 +211,20 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
   const std::vector<AdamConsts> consts =
       step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
   const int64_t block = block_size(int(bits));
+  std::vector<float> m_thresholds(size_t(1) << bits), v_thresholds(size_t(1) << bits);
+  code_thresholds(exp_avg_map.data_ptr<float>(), int(bits), m_thresholds.data());
+  code_thresholds(exp_avg_sq_map.data_ptr<float>(), int(bits), v_thresholds.data());
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
     const int64_t blk = off / block;  // chunks start on block boundaries
-    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map) {
+    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
+                     const std::vector<float>& thresholds) {
       return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
-                    map.data_ptr<float>()};
+                    map.data_ptr<float>(), thresholds.data()};
     };
     fns[i](static_cast<char*>(params[i].data_ptr()) + off * params[i].element_size(),
            static_cast<const char*>(grads[i].data_ptr()) + off * grads[i].element_size(),
-           state(exp_avg_codes[i], exp_avg_scales[i], exp_avg_map),
-           state(exp_avg_sq_codes[i], exp_avg_sq_scales[i], exp_avg_sq_map), len, consts[i]);
+           state(exp_avg_codes[i], exp_avg_scales[i], exp_avg_map, m_thresholds),
+           state(exp_avg_sq_codes[i], exp_avg_sq_scales[i], exp_avg_sq_map, v_thresholds), len, consts[i]);
   });
 }
 
@@ -232,7 +236,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   const int64_t n = flat.numel(), block = block_size(int(bits)), blocks = (n + block - 1) / block;
   at::Tensor codes = at::empty({blocks * block * bits / 8}, x.options().dtype(at::kByte));
   at::Tensor scales = at::empty({blocks}, x.options());
-  quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, map.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+  std::vector<float> thresholds(size_t(1) << bits);
+  code_thresholds(map.data_ptr<float>(), int(bits), thresholds.data());
+  quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, thresholds.data(), codes.data_ptr<uint8_t>(),
                                             scales.data_ptr<float>());
   return {codes, scales};
 }
