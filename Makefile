@@ -10,13 +10,17 @@ WHEEL  := dist/.wheel-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: test bench build deps aot wheel clean
+.PHONY: test bench build deps aot wheel clean convergence
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(BUILT)
 	$(PY) -m bench --readme README.md $(BENCH_ARGS)
+
+# Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.
+convergence: $(BUILT)
+	$(PY) -m bench.convergence $(CONVERGENCE_ARGS)
 
 build: $(BUILT)
 

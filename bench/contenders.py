@@ -5,12 +5,15 @@ A contender is a name, a factory ``make(params) -> optimizer``, the bytes its st
 """
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 import fastopt
+from fastopt.quant import FORMATS
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,44 @@ class Contender:
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 FP32_ADAM_BYTES = 7 * 4
 
+
+def low_bit_bytes(bits: int) -> float:
+    """fp32 param read+write and grad read (12 bytes), both moments' codes and scales read and written."""
+    return 12 + 2 * 2 * FORMATS[(bits, True)].bytes_per_element()
+
+
+def installed(module: str) -> Callable[[], bool]:
+    return lambda: importlib.util.find_spec(module) is not None
+
+
+def torchao(name: str):
+    def make(ps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.optim
+        return getattr(torchao.optim, name)(ps, **ADAMW)
+    return make
+
+
+def bitsandbytes(name: str):
+    def make(ps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.optim
+        return getattr(bitsandbytes.optim, name)(ps, **ADAMW)
+    return make
+
+
 CONTENDERS = [
     Contender("fastopt.AdamW", lambda ps: fastopt.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
+    Contender("fastopt.AdamW 8-bit states", lambda ps: fastopt.AdamW(ps, state_bits=8, **ADAMW), low_bit_bytes(8)),
+    Contender("fastopt.AdamW 4-bit states", lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW), low_bit_bytes(4)),
     Contender("torch AdamW (default)", lambda ps: torch.optim.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW), FP32_ADAM_BYTES),
+    Contender("torchao AdamW8bit", torchao("AdamW8bit"), low_bit_bytes(8), installed("torchao")),
+    Contender("torchao AdamW4bit", torchao("AdamW4bit"), low_bit_bytes(4), installed("torchao")),
+    Contender("bitsandbytes AdamW8bit", bitsandbytes("AdamW8bit"), low_bit_bytes(8), installed("bitsandbytes")),
 ]
 BASELINE = "torch AdamW (fused)"
 

@@ -31,8 +31,16 @@ def make_params(shapes, grads):
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    """Bytes of every tensor the optimizer keeps per parameter (torchao's state tensors are subclasses that
+    report their logical size: count their codes and scales instead)."""
+    total = 0
+    for state in opt.state.values():
+        for t in state.values():
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue
+            parts = [getattr(t, name) for name in ("codes", "scale") if hasattr(t, name)] or [t]
+            total += sum(x.numel() * x.element_size() for x in parts)
+    return total
 
 
 def timed(fn) -> float:

@@ -2,8 +2,8 @@
 decodes a tile of whole quantization blocks of m and v in registers, updates them and the parameter in fp32,
 and re-encodes them. Math shared with adam.py; codecs with quant.py.
 
-Bytes moved per parameter: fp32 params 4-bit states ≈ 13.1 (p r/w 8, g 4, codes 2·0.5 r/w, scales 2·8/128);
-8-bit ≈ 16.06; bf16 params: 6 fewer.
+Bytes moved per parameter: fp32 params with 4-bit states 14.125 (p read+write 8, g 4, both moments' codes
+read+written 2·2·0.5, scales 2·2·4/128); with 8-bit states 16.06; bf16 params: 6 fewer.
 """
 from __future__ import annotations
 
