@@ -1,6 +1,6 @@
 """Optimizer step throughput on this machine: fastopt against torch.optim (and installed peers).
 
-    python -m bench [--preset llama-110m] [--rounds 15] [--only NAME ...] [--threads N] [--out bench/results]
+    python -m bench [--preset llama-110m] [--rounds 10] [--only NAME ...] [--threads N] [--out bench/results]
 
 Timing is paired: every round runs each contender's step once, in an order rotated per round (A B C, B C A,
 ...), after warm-up; the table reports medians. A streaming-bandwidth probe (an in-place ``a += b`` over as
@@ -115,10 +115,31 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """A horizontal bar chart of ms/step, each bar labelled with its time relative to torch's fused AdamW."""
+    from matplotlib.figure import Figure
+
+    rows = sorted(result["rows"], key=lambda r: r["ms_per_step"])
+    fig = Figure(figsize=(9, 0.5 * len(rows) + 1.5))
+    ax = fig.add_subplot()
+    bars = ax.barh([r["optimizer"] for r in rows], [r["ms_per_step"] for r in rows],
+                   color=["tab:blue" if r["optimizer"].startswith("fastopt") else "tab:gray" for r in rows])
+    for bar, r in zip(bars, rows):
+        label = f" {r['ms_per_step']:.0f} ms" + (f" ({r['vs_torch_fused']:.2f}×)" if r["vs_torch_fused"] else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per optimizer step (log scale; lower is better)")
+    ax.set_title(f"{result['preset']}: {result['params'] / 1e6:.0f}M params, {result['machine']['cpu']}, "
+                 f"{result['machine']['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama-110m", choices=sorted(PRESETS))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
@@ -136,7 +157,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.preset}.json").write_text(json.dumps(result, indent=1))
     (out / f"{args.preset}.md").write_text(text + f"\n\nCommand: `{result['command']}`\n")
-    print(f"\nwrote {out / (args.preset + '.json')} and {out / (args.preset + '.md')}", file=sys.stderr)
+    try:
+        plot(result, out / f"{args.preset}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(f"\nwrote {out}/{args.preset}.json, .md and .png", file=sys.stderr)
     if args.readme:
         update_readme(Path(args.readme), args.preset, text + f"\n\nCommand: `{result['command']}`")
     return 0
