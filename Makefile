@@ -20,7 +20,7 @@ bench: $(BUILT)
 
 # Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.
 convergence: $(BUILT)
-	$(PY) -m bench.convergence $(CONVERGENCE_ARGS)
+	$(PY) -m bench.convergence --readme README.md $(CONVERGENCE_ARGS)
 
 build: $(BUILT)
 

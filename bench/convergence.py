@@ -384,6 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results", help="folder for convergence.{json,md,png}")
     parser.add_argument("--seed", type=int, default=Config.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--readme", default=None, help="also put the table into this README, between "
+                        "<!-- bench:convergence --> and <!-- /bench:convergence -->")
     args = parser.parse_args(argv)
     entries = [e for e in OPTIMIZERS if e.default]
     if args.only:
@@ -400,6 +402,10 @@ def main(argv=None) -> int:
     result["command"] = " ".join(["python -m bench.convergence", *(sys.argv[1:] if argv is None else argv)])
     print(table(result))
     write(result, Path(args.out))
+    if args.readme:
+        from bench.run import update_readme
+
+        update_readme(Path(args.readme), "convergence", (Path(args.out) / "convergence.md").read_text().strip())
     print(f"\nwrote {args.out}/convergence.{{json,md,png}} in {result['seconds']:.0f} s", file=sys.stderr)
     return 0
 

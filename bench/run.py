@@ -5,7 +5,10 @@
 Timing is paired: every round runs each contender's step once, in an order rotated per round (A B C, B C A,
 ...), after warm-up; the table reports medians. A streaming-bandwidth probe (an in-place ``a += b`` over as
 many floats as there are parameters: 12 bytes/element) runs in the same rounds, so "of BW" compares each
-contender with what this machine's memory delivered at the same moment.
+contender with what this machine's memory delivered at the same moment. "RSS added" is the resident memory
+each contender added when it was built and warmed up (its parameter copy, its state and whatever it keeps
+between steps; gradients are shared): all contenders live in one process, so a per-contender peak is not
+separable.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from bench.contenders import BASELINE, CONTENDERS, PRESETS, llama_shapes
 
 
 def make_params(shapes, grads):
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    params = [torch.nn.Parameter(torch.empty(s).normal_(0, 0.02)) for s in shapes]  # no temporaries: see rss_added
     for p, g in zip(params, grads):
         p.grad = g  # gradients are read-only for every contender: one shared set saves memory
     return params
@@ -41,6 +44,15 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             parts = [getattr(t, name) for name in ("codes", "scale") if hasattr(t, name)] or [t]
             total += sum(x.numel() * x.element_size() for x in parts)
     return total
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def timed(fn) -> float:
@@ -66,14 +78,20 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
     contenders = [c for c in CONTENDERS if c.available() and (not only or any(o in c.name for o in only))]
     torch.manual_seed(0)
     grads = [torch.randn(s) * 1e-3 for s in shapes]
-    opts = {c.name: c.make(make_params(shapes, grads)) for c in contenders}
+    # Contenders are built one after another and warmed up at once, so that the resident memory each one adds
+    # (its copy of the parameters, its state, anything it keeps between steps) can be read off.
+    opts, rss_added = {}, {}
+    for c in contenders:
+        before = rss_bytes()
+        opts[c.name] = c.make(make_params(shapes, grads))
+        for _ in range(warmup):
+            opts[c.name].step()
+        rss_added[c.name] = rss_bytes() - before
     stream_a, stream_b = torch.randn(n), torch.randn(n)
     tasks = {name: opt.step for name, opt in opts.items()}
     tasks["stream"] = lambda: stream_a.add_(stream_b)
-
     for _ in range(warmup):
-        for fn in tasks.values():
-            fn()
+        tasks["stream"]()
     times = {name: [] for name in tasks}
     names = list(tasks)
     try:
@@ -95,6 +113,7 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
         rows.append({"optimizer": c.name, "ms_per_step": t * 1e3, "vs_torch_fused": (t / base) if base else None,
                      "params_per_s": n / t, "gb_per_s": gbs, "of_bandwidth": gbs / stream_gbs,
                      "state_bytes_per_param": state_bytes(opts[c.name]) / n,
+                     "rss_added_mb": rss_added[c.name] / 2**20,
                      "ms_all_rounds": [x * 1e3 for x in times[c.name]]})
     return {"preset": preset, "params": n, "tensors": len(shapes), "rounds": rounds, "warmup": warmup,
             "stream_gb_per_s": stream_gbs, "machine": machine(), "rows": rows,
@@ -106,12 +125,13 @@ def table(result: dict) -> str:
              f"fp32, median of {result['rounds']} paired rounds; streaming bandwidth measured in the same rounds: "
              f"{result['stream_gb_per_s']:.1f} GB/s; {result['machine']['cpu']}, {result['machine']['threads']} threads",
              "",
-             "| optimizer | ms/step | time vs torch fused | params/s | GB/s | of BW | state bytes/param |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| optimizer | ms/step | time vs torch fused | params/s | GB/s | of BW | state bytes/param | RSS added |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         ratio = f"{r['vs_torch_fused']:.2f}×" if r["vs_torch_fused"] else "—"
         lines.append(f"| {r['optimizer']} | {r['ms_per_step']:.1f} | {ratio} | {r['params_per_s'] / 1e9:.2f} G | "
-                     f"{r['gb_per_s']:.1f} | {r['of_bandwidth']:.0%} | {r['state_bytes_per_param']:.2f} |")
+                     f"{r['gb_per_s']:.1f} | {r['of_bandwidth']:.0%} | {r['state_bytes_per_param']:.2f} | "
+                     f"{r['rss_added_mb']:.0f} MB |")
     return "\n".join(lines)
 
 
