@@ -44,6 +44,8 @@ using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, 
 AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits);
 
 // thresholds[k] = the smallest y (= x / scale) whose nearest map entry is above k; computed once per call.
+// 8-bit thresholds are followed by the same values in binary-search level order (see code_thresholds).
+constexpr int thresholds_size(int bits) { return bits == 4 ? 16 : 256 + 256 + 16; }
 void code_thresholds(const float* map, int bits, float* thresholds);
 using QuantizeFn = void (*)(const float* x, int64_t n, const float* thresholds, uint8_t* codes, float* scales);
 using DequantizeFn = void (*)(const uint8_t* codes, const float* scales, int64_t n, const float* map, float* out);

@@ -211,7 +211,7 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
   const std::vector<AdamConsts> consts =
       step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
   const int64_t block = block_size(int(bits));
-  std::vector<float> m_thresholds(size_t(1) << bits), v_thresholds(size_t(1) << bits);
+  std::vector<float> m_thresholds(thresholds_size(int(bits))), v_thresholds(thresholds_size(int(bits)));
   code_thresholds(exp_avg_map.data_ptr<float>(), int(bits), m_thresholds.data());
   code_thresholds(exp_avg_sq_map.data_ptr<float>(), int(bits), v_thresholds.data());
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   const int64_t n = flat.numel(), block = block_size(int(bits)), blocks = (n + block - 1) / block;
   at::Tensor codes = at::empty({blocks * block * bits / 8}, x.options().dtype(at::kByte));
   at::Tensor scales = at::empty({blocks}, x.options());
-  std::vector<float> thresholds(size_t(1) << bits);
+  std::vector<float> thresholds(thresholds_size(int(bits)));
   code_thresholds(map.data_ptr<float>(), int(bits), thresholds.data());
   quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, thresholds.data(), codes.data_ptr<uint8_t>(),
                                             scales.data_ptr<float>());
