@@ -47,4 +47,36 @@ STATE_BITS_BAD = [
 for _bits in (8, 4):  # min_quant_size=0: the small test models' tensors are quantized too
     CASES.append(Case(f"AdamW-{_bits}bit", lambda ps, _b=_bits, **kw: fastopt.AdamW(
         ps, **{"lr": 1e-2, "state_bits": _b, "min_quant_size": 0, **kw}), None, ADAM_BAD + STATE_BITS_BAD))
+# Stable-SPAM and SPAM (reference implementation only; no torch twin). Small reset intervals so that the 10- to
+# 30-step generic tests cross several momentum resets.
+STABLE_SPAM_BAD = ADAM_BAD + [
+    (dict(gamma1=1.0), r"gamma1 must be \[0.0, 1.0\), got 1.0"),
+    (dict(gamma3=-0.1), r"gamma3 must be \[0.0, 1.0\), got -0.1"),
+    (dict(update_proj_gap=-1), r"update_proj_gap must be >= 0, got -1.0"),
+    (dict(total_T=0), r"total_T must be >= 1, got 0.0"),
+    (dict(eta_min=1.5), r"eta_min must be \[0.0, 1.0\], got 1.5"),
+    (dict(compat="paper"), r"compat must be one of \(None, 'official'\), got 'paper'"),
+]
+SPAM_BAD = ADAM_BAD + [
+    (dict(warmup_steps=-1), r"warmup_steps must be >= 0, got -1.0"),
+    (dict(threshold=-1), r"threshold must be >= 0.0, got -1.0"),
+    (dict(DeltaT=-1), r"DeltaT must be >= 0, got -1.0"),
+    (dict(grad_accu_steps=-1), r"grad_accu_steps must be >= 0, got -1.0"),
+]
+LOW_BIT_BAD = [bad for bad in STATE_BITS_BAD if "amsgrad" not in bad[0]]
+CASES += [
+    Case("StableSPAM", lambda ps, **kw: fastopt.StableSPAM(ps, **{"lr": 1e-2, "update_proj_gap": 5, **kw}), None,
+         STABLE_SPAM_BAD),
+    Case("StableSPAM-official", lambda ps, **kw: fastopt.StableSPAM(ps, **{
+        "lr": 1e-2, "update_proj_gap": 5, "total_T": 20, "weight_decay": 0.1, "compat": "official", **kw}), None,
+         STABLE_SPAM_BAD),
+    Case("StableSPAM-4bit", lambda ps, **kw: fastopt.StableSPAM(ps, **{
+        "lr": 1e-2, "update_proj_gap": 5, "state_bits": 4, "min_quant_size": 0, **kw}), None,
+         STABLE_SPAM_BAD + LOW_BIT_BAD),
+    Case("SPAM", lambda ps, **kw: fastopt.SPAM(ps, **{
+        "lr": 1e-2, "weight_decay": 0.1, "DeltaT": 6, "warmup_steps": 3, "grad_accu_steps": 2, **kw}), None, SPAM_BAD),
+    Case("SPAM-4bit", lambda ps, **kw: fastopt.SPAM(ps, **{
+        "lr": 1e-2, "DeltaT": 6, "warmup_steps": 3, "grad_accu_steps": 2, "state_bits": 4, "min_quant_size": 0,
+        **kw}), None, SPAM_BAD + LOW_BIT_BAD),
+]
 TWIN_CASES = [c for c in CASES if c.torch_twin is not None]

@@ -1,0 +1,275 @@
+"""The Stable-SPAM step (ALGORITHMS.md §3) and the SPAM step (§4) over lists of tensors, in place.
+
+Only the reference implementation (pure torch; float32 math, float64 for float64 tensors) exists so far; the fused
+cpu / triton kernels of issue #5 plug into ``stable_spam_step`` / ``spam_step`` beside it. What is global to a
+step (the cosine factor s, whether this step resets the moments, whether SPAM clips) is decided once per step by
+``stable_spam_schedule`` / ``spam_schedule`` from the optimizer's step count and reaches the op as runtime values.
+
+Stable-SPAM, per tensor (t: Adam's counter; u: the AdaClip/AdaGN statistics' counter; θ = gamma3):
+
+    p ← p·(1 − lr·wd)
+    t ← t + 1;  u ← u + 1                       compat="official": u is t (one counter, reset with the moments)
+    M = max|g|;  mmax ← θ·mmax + (1−θ)·M;  thr = mmax/(1−θ^u);  where |g| > thr: g ← g/M·thr         (AdaClip)
+    n = ‖g‖₂;  mn ← γ1s·mn + (1−γ1s)·n;  vn ← γ2·vn + (1−γ2)·n²
+    c = (mn/(1−(γ1s)^u)) / (sqrt(vn/(1−γ2^u)) + eps);  if n > 0: g ← g/n·c                           (AdaGN)
+    if reset:  m, v ← 0;  t ← 1                 compat="official": this step's update still uses the old m, v;
+                                                the zeros are stored after it and first used on the next step
+    b1 = β1·s;  m ← b1·m + (1−b1)·g;  v ← β2·v + (1−β2)·g²
+    p ← p − lr/(1−b1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)
+
+SPAM, per tensor (s: the update scale that warms up again after a reset; θ = threshold):
+
+    if reset:  m, v ← 0                         (t keeps counting)
+    t ← t + 1
+    if clip:  where g² > θ·v:  g ← sign(g)·sqrt(θ·v)        (v before this step's update)
+    m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
+    p ← p − s·lr·sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps)
+    p ← p − lr·wd·p
+
+Grads are first divided by ``grad_scale``; a nonzero ``found_inf`` (GradScaler) skips the whole step, counters
+included. A moment may be a tensor or a :class:`~fastopt.quant.Quantized` (decoded, updated in fp32, encoded; a
+reset zeros its codes and its scales, and scale 0 means the block is 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastopt.ops._backends import check_backend
+from fastopt.quant.formats import Quantized
+
+IMPLEMENTED = ("reference",)  # the fused cpu / triton kernels are not written yet (issue #5)
+COMPAT = (None, "official")
+
+
+def implementation(backend: str | None, owner: str) -> str:
+    """The implementation that runs a (Stable-)SPAM step: the reference, whatever the device, until the fused
+    kernels exist. Forcing "cpu" or "triton" is an error rather than a silent fallback."""
+    check_backend(backend)
+    if backend is not None and backend not in IMPLEMENTED:
+        raise ValueError(f"{owner}: backend={backend!r} is not implemented yet (the fused C++/Triton kernels for "
+                         f"{owner} do not exist so far); use backend=None or 'reference', the pure-torch reference "
+                         "implementation")
+    return "reference"
+
+
+# ---- what is global to a step --------------------------------------------------------------------------------
+def stable_spam_schedule(T: int, *, total_T: int | None, eta_min: float, update_proj_gap: int) -> tuple[float, bool]:
+    """(s, reset) for Stable-SPAM's step T (the optimizer's step count after its increment: 1 on the first step).
+
+    s = CosineAnnealingLR(T_max = total_T + 1, eta_min) of an lr of 1.0, at T (torch's closed form, which
+    keeps following the cosine past T_max: nothing clamps it); 1.0 without total_T. reset: ΔT ≠ 0 and T % ΔT == 0.
+    """
+    s = 1.0 if total_T is None else eta_min + (1 - eta_min) * (1 + math.cos(math.pi * T / (total_T + 1))) / 2
+    return s, update_proj_gap != 0 and T % update_proj_gap == 0
+
+
+def spam_schedule(T: int, *, warmup_steps: int, delta_t: int, grad_accu_steps: int,
+                  threshold: float) -> tuple[float, bool, bool]:
+    """(s, reset, clip) for SPAM's step T (the optimizer's step count before its increment: 0 on the first step).
+
+    reset: (T+1) % ΔT == 0. The warmup counter c starts at N+1 (no warmup at first), counts steps, and restarts at
+    0 on each resetting step T ≥ 1; s = 1 − w(c) with w(c) = 0.99·(1 + cos(π·c/(N+1)))/2 for c < N, else 0.
+    clip: θ ≠ 0 and k = T+1 ≥ K and (ΔT == 0 or k % ΔT ≥ K): clipping pauses for K steps after each reset.
+    ΔT = 0 means no resets (and no warmup restarts).
+    """
+    N, K = warmup_steps, grad_accu_steps
+    c = N + 1 + T
+    if delta_t != 0:
+        last_reset = T - (T + 1) % delta_t  # the latest T' <= T with (T'+1) % ΔT == 0
+        if last_reset >= 1:
+            c = T - last_reset
+    w = 0.99 * (1 + math.cos(math.pi * c / (N + 1))) / 2 if c < N else 0.0
+    k = T + 1
+    reset = delta_t != 0 and k % delta_t == 0
+    clip = threshold != 0 and k >= K and (delta_t == 0 or k % delta_t >= K)
+    return 1 - w, reset, clip
+
+
+# ---- the ops ---------------------------------------------------------------------------------------------------
+def stable_spam_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor | Quantized],
+    exp_avg_sqs: list[torch.Tensor | Quantized],
+    steps: list[torch.Tensor],
+    stats_steps: list[torch.Tensor],
+    m_norms: list[torch.Tensor],
+    v_norms: list[torch.Tensor],
+    m_maxes: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    scale: float = 1.0,
+    reset: bool = False,
+    compat: str | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
+    counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
+    and gamma1); ``reset`` says whether this step resets the moments; ``compat="official"`` reproduces the
+    official code's quirks (ALGORITHMS.md §3 (a), (b))."""
+    if compat not in COMPAT:
+        raise ValueError(f"stable_spam_step: compat must be one of {COMPAT}, got {compat!r}")
+    if not params:
+        return
+    if implementation(backend, "stable_spam_step") == "reference":
+        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes,
+                               lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
+                               gamma2=gamma2, theta=gamma3, scale=scale, reset=reset,
+                               official=compat == "official", grad_scale=grad_scale, found_inf=found_inf)
+
+
+def spam_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor | Quantized],
+    exp_avg_sqs: list[torch.Tensor | Quantized],
+    steps: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    threshold: float,
+    scale: float = 1.0,
+    reset: bool = False,
+    clip: bool = True,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """One SPAM step for tensors on one device. ``steps`` (t) are float32 0-d counters. ``scale`` is s, ``reset``
+    whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step."""
+    if not params:
+        return
+    if implementation(backend, "spam_step") == "reference":
+        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=weight_decay, threshold=threshold, scale=scale, reset=reset, clip=clip,
+                        grad_scale=grad_scale, found_inf=found_inf)
+
+
+# ---- reference implementation --------------------------------------------------------------------------------
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _bias_correction(beta: float, t: torch.Tensor) -> torch.Tensor:
+    """1 − beta^t as a float64 0-d tensor (1 − 0.999 in float32 would be off by 1e-5 relative)."""
+    return 1 - beta ** t.double()
+
+
+def _load(moment: torch.Tensor | Quantized, p: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    if isinstance(moment, Quantized):
+        return moment.dequantize(p.numel()).view(p.shape).to(compute)
+    return moment.to(compute)
+
+
+def _store(moment: torch.Tensor | Quantized, value: torch.Tensor) -> None:
+    if isinstance(moment, Quantized):
+        moment.assign(value)
+    else:
+        moment.copy_(value)
+
+
+def _zero(moment: torch.Tensor | Quantized) -> None:
+    """A momentum reset. A quantized moment loses its codes and its scales: the second moment's map has no 0, so
+    only scale 0 makes a block decode to 0."""
+    if isinstance(moment, Quantized):
+        moment.codes.zero_()
+        moment.scales.zero_()
+    else:
+        moment.zero_()
+
+
+def _grad(p: torch.Tensor, grad: torch.Tensor, grad_scale: torch.Tensor | None, compute: torch.dtype) -> torch.Tensor:
+    g = grad.to(compute)
+    return g if grad_scale is None else g / grad_scale.to(device=p.device, dtype=compute)
+
+
+def _skipped(found_inf: torch.Tensor | None) -> bool:
+    return found_inf is not None and found_inf.item() != 0
+
+
+def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *,
+                           lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, theta, scale, reset, official,
+                           grad_scale, found_inf) -> None:
+    if _skipped(found_inf):
+        return
+    b1, g1 = beta1 * scale, gamma1 * scale
+    for i, p in enumerate(params):
+        compute = _compute_dtype(p)
+        param, g = p.to(compute), _grad(p, grads[i], grad_scale, compute)
+        param = param * (1 - lr * weight_decay)
+        steps[i] += 1
+        stats_steps[i] += 1
+        u = steps[i] if official else stats_steps[i]  # official: the same t for the statistics and for Adam
+
+        # AdaClip: clip entries above the bias-corrected running max of max|g|
+        M = g.abs().amax() if g.numel() else g.new_zeros(())
+        m_max = theta * m_maxes[i] + (1 - theta) * M
+        thr = m_max / _bias_correction(theta, u)
+        g = torch.where(g.abs() > thr, g / M * thr, g)
+
+        # AdaGN: rescale g to the running norm statistics
+        n = torch.linalg.vector_norm(g)
+        m_norm = g1 * m_norms[i] + (1 - g1) * n
+        v_norm = gamma2 * v_norms[i] + (1 - gamma2) * n * n
+        c = (m_norm / _bias_correction(g1, u)) / ((v_norm / _bias_correction(gamma2, u)).sqrt() + eps)
+        g = torch.where(n > 0, g / n * c, g)
+        m_maxes[i].copy_(m_max)
+        m_norms[i].copy_(m_norm)
+        v_norms[i].copy_(v_norm)
+
+        # momentum reset, then Adam
+        if reset:
+            steps[i].fill_(1)
+            if not official:
+                _zero(exp_avgs[i])
+                _zero(exp_avg_sqs[i])
+        t = steps[i]
+        m = b1 * _load(exp_avgs[i], p, compute) + (1 - b1) * g
+        v = beta2 * _load(exp_avg_sqs[i], p, compute) + (1 - beta2) * g * g
+        if reset and official:  # quirk (a): this update used the old moments; the zeros count from the next step
+            _zero(exp_avgs[i])
+            _zero(exp_avg_sqs[i])
+        else:
+            _store(exp_avgs[i], m)
+            _store(exp_avg_sqs[i], v)
+        step_size = lr / _bias_correction(b1, t)
+        denom = v.sqrt() / _bias_correction(beta2, t).sqrt() + eps
+        p.copy_(param - step_size * m / denom)
+
+
+def _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, threshold,
+                    scale, reset, clip, grad_scale, found_inf) -> None:
+    if _skipped(found_inf):
+        return
+    for i, p in enumerate(params):
+        compute = _compute_dtype(p)
+        param, g = p.to(compute), _grad(p, grads[i], grad_scale, compute)
+        if reset:
+            _zero(exp_avgs[i])
+            _zero(exp_avg_sqs[i])
+        steps[i] += 1
+        t = steps[i]
+        m, v = _load(exp_avgs[i], p, compute), _load(exp_avg_sqs[i], p, compute)
+        if clip:  # spike-aware clipping against v before this step's update
+            g = torch.where(g * g > threshold * v, g.sign() * (threshold * v).sqrt(), g)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        _store(exp_avgs[i], m)
+        _store(exp_avg_sqs[i], v)
+        step_size = lr * _bias_correction(beta2, t).sqrt() / _bias_correction(beta1, t)
+        param = param - scale * step_size * m / (v.sqrt() + eps)
+        p.copy_(param - lr * weight_decay * param)

@@ -1,0 +1,268 @@
+"""fastopt.StableSPAM and fastopt.SPAM as optimizers: checkpoints across a momentum reset, 4-bit moments (a reset
+zeros codes and scales), training quality with 4-bit states, validation, backends, schedules."""
+import io
+import math
+
+import pytest
+import torch
+
+from fastopt.ops.spam import spam_step, stable_spam_schedule, stable_spam_step
+from fastopt.optim.spam import SPAM, StableSPAM
+from fastopt.quant import FORMATS, Quantized, encode, zeros
+from fastopt.schedules import Cosine
+from tests.optim.test_common import batches, flat, model, train
+from tests.optim.test_low_bit import regression_task
+
+CONFIGS = {  # every one resets its moments at least once in 12 steps
+    "StableSPAM": lambda ps, **kw: StableSPAM(ps, lr=1e-2, weight_decay=0.1, update_proj_gap=5, **kw),
+    "StableSPAM-official-total_T": lambda ps, **kw: StableSPAM(ps, lr=1e-2, weight_decay=0.1, update_proj_gap=5,
+                                                               total_T=8, compat="official", **kw),
+    "SPAM": lambda ps, **kw: SPAM(ps, lr=1e-2, weight_decay=0.1, DeltaT=6, warmup_steps=3, grad_accu_steps=2,
+                                  threshold=50, **kw),
+}
+STORAGE = {"fp32": {}, "4bit": dict(state_bits=4, min_quant_size=0)}
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_resume_across_a_reset_is_bit_for_bit(name, storage):
+    """Saved at step 4 (before the reset), loaded with weights_only=True into a fresh optimizer, continued through
+    two resets: identical to the uninterrupted run, state included."""
+    make = lambda ps: CONFIGS[name](ps, **STORAGE[storage])  # noqa: E731
+    data = batches(12)
+    straight_net = model()
+    straight = make(straight_net.parameters())
+    train(straight_net, straight, data)
+
+    net = model()
+    opt = make(net.parameters())
+    train(net, opt, data[:4])
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed_net = model(seed=7)
+    resumed_net.load_state_dict(ckpt["model"])
+    resumed = make(resumed_net.parameters())
+    resumed.load_state_dict(ckpt["opt"])
+    assert resumed._step_count == 4
+    train(resumed_net, resumed, data[4:])
+    assert torch.equal(flat(resumed_net), flat(straight_net))
+    for p, q in zip(straight_net.parameters(), resumed_net.parameters()):
+        a, b = straight.state[p], resumed.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_layout():
+    p = torch.nn.Parameter(torch.randn(300))
+    for opt, keys in ((StableSPAM([p], state_bits=4, min_quant_size=0),
+                       {"step", "stats_step", "m_norm", "v_norm", "m_max", "exp_avg_codes", "exp_avg_scales",
+                        "exp_avg_sq_codes", "exp_avg_sq_scales", "param_shape"}),
+                      (SPAM([p]), {"step", "exp_avg", "exp_avg_sq"})):
+        p.grad = torch.randn(300)
+        opt.step()
+        assert set(opt.state[p]) == keys
+        for key in ("step", "stats_step", "m_norm", "v_norm", "m_max"):
+            if key in keys:
+                t = opt.state[p][key]
+                assert t.shape == () and t.dtype == torch.float32 and t.device == p.device
+    q = torch.nn.Parameter(torch.randn(30, dtype=torch.float64))  # float64 params: float64 statistics, float64 math
+    opt = StableSPAM([q])
+    q.grad = torch.randn_like(q)
+    opt.step()
+    assert opt.state[q]["m_norm"].dtype == torch.float64 and opt.state[q]["step"].dtype == torch.float32
+
+
+def test_4bit_official_reset_zeros_codes_and_scales():
+    """compat="official" stores fresh zeros after the reset step: every code and every scale is 0."""
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = StableSPAM([p], update_proj_gap=3, compat="official", state_bits=4, min_quant_size=0)
+    for k in range(1, 4):
+        p.grad = torch.randn(1000)
+        opt.step()
+        state = opt.state[p]
+        moments = [state[f"{name}_{part}"] for name in ("exp_avg", "exp_avg_sq") for part in ("codes", "scales")]
+        if k < 3:
+            assert all(t.any() for t in moments)
+        else:
+            assert all(not t.any() for t in moments) and state["step"].item() == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_reset_is_a_fresh_state(bits):
+    """A reset of quantized moments holding old values gives exactly what fresh zeros give (the unsigned map has no
+    0, so leaving the scales would keep v alive): Stable-SPAM (corrected) and SPAM."""
+    n = 1000
+    torch.manual_seed(0)
+    p0, g = torch.randn(n), torch.randn(n)
+    m_fmt, v_fmt = FORMATS[(bits, True)], FORMATS[(bits, False)]
+    old_m = lambda: Quantized(*encode(torch.randn(n, generator=torch.Generator().manual_seed(1)), m_fmt), m_fmt)  # noqa
+    old_v = lambda: Quantized(*encode(torch.rand(n, generator=torch.Generator().manual_seed(2)), v_fmt), v_fmt)  # noqa
+    stable = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, gamma1=0.7, gamma2=0.9, gamma3=0.999)
+    stats = lambda: [[torch.tensor(7.0)], [torch.tensor(2.0)], [torch.tensor(3.0)], [torch.tensor(1.5)]]  # noqa
+    reset = [p0.clone()], [g], [old_m()], [old_v()], [torch.tensor(7.0)], *stats()
+    fresh = [p0.clone()], [g], [zeros(n, m_fmt, "cpu")], [zeros(n, v_fmt, "cpu")], [torch.tensor(0.0)], *stats()
+    stable_spam_step(*reset, **stable, reset=True)
+    stable_spam_step(*fresh, **stable, reset=False)
+    assert torch.equal(reset[0][0], fresh[0][0])
+    for a, b in ((reset[2][0], fresh[2][0]), (reset[3][0], fresh[3][0])):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, threshold=5.0, scale=0.01)
+    reset = [p0.clone()], [g], [old_m()], [old_v()], [torch.tensor(7.0)]
+    fresh = [p0.clone()], [g], [zeros(n, m_fmt, "cpu")], [zeros(n, v_fmt, "cpu")], [torch.tensor(7.0)]
+    spam_step(*reset, **hp, reset=True, clip=False)
+    spam_step(*fresh, **hp, reset=False, clip=False)
+    assert torch.equal(reset[0][0], fresh[0][0]) and torch.equal(reset[3][0].scales, fresh[3][0].scales)
+
+
+TRAINING = {
+    "StableSPAM": lambda ps, **kw: StableSPAM(ps, lr=3e-3, update_proj_gap=60, **kw),
+    "StableSPAM-official": lambda ps, **kw: StableSPAM(ps, lr=3e-3, update_proj_gap=60, compat="official", **kw),
+    "SPAM": lambda ps, **kw: SPAM(ps, lr=3e-3, DeltaT=60, warmup_steps=10, grad_accu_steps=5, **kw),
+}
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_4bit_training_tracks_fp32(name):
+    """150 steps of a small MLP with resets at 60 and 120: 4-bit moments (every tensor, min_quant_size=0) end within
+    a few percent of fp32 moments, with no NaN."""
+    def final_loss(**storage):
+        net, xs, ys = regression_task()
+        opt = TRAINING[name](net.parameters(), **storage)
+        losses = []
+        for x, y in zip(xs[:150], ys[:150]):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] / 2
+        return sum(losses[-20:]) / 20, opt
+
+    fp32, _ = final_loss()
+    four, opt = final_loss(state_bits=4, min_quant_size=0)
+    assert opt.state[opt.param_groups[0]["params"][1]]["exp_avg_codes"].dtype == torch.uint8  # the bias too
+    assert abs(four - fp32) / fp32 < 0.05, (four, fp32)
+
+
+BAD = [
+    (StableSPAM, dict(lr=-1e-3), r"StableSPAM: lr must be >= 0.0, got -0.001"),
+    (StableSPAM, dict(eps=-1.0), r"eps must be >= 0.0, got -1.0"),
+    (StableSPAM, dict(weight_decay=-0.1), r"weight_decay must be >= 0.0, got -0.1"),
+    (StableSPAM, dict(betas=(1.0, 0.999)), r"betas\[0\] must be \[0.0, 1.0\), got 1.0"),
+    (StableSPAM, dict(gamma1=1.0), r"gamma1 must be \[0.0, 1.0\), got 1.0"),
+    (StableSPAM, dict(gamma2=-0.5), r"gamma2 must be \[0.0, 1.0\), got -0.5"),
+    (StableSPAM, dict(gamma3=1.5), r"gamma3 must be \[0.0, 1.0\), got 1.5"),
+    (StableSPAM, dict(update_proj_gap=-1), r"update_proj_gap must be >= 0, got -1.0"),
+    (StableSPAM, dict(update_proj_gap=2.5), r"update_proj_gap must be a whole number of steps, got 2.5"),
+    (StableSPAM, dict(total_T=0), r"total_T must be >= 1, got 0.0"),
+    (StableSPAM, dict(total_T="1000"), r"total_T must be a whole number of steps, got '1000'"),
+    (StableSPAM, dict(eta_min=1.5), r"eta_min must be \[0.0, 1.0\], got 1.5"),
+    (StableSPAM, dict(compat="paper"), r"compat must be one of \(None, 'official'\), got 'paper'"),
+    (StableSPAM, dict(state_bits=3), r"state_bits must be one of"),
+    (SPAM, dict(lr=-1.0), r"SPAM: lr must be >= 0.0, got -1.0"),
+    (SPAM, dict(betas=(0.9, 1.0)), r"betas\[1\] must be \[0.0, 1.0\), got 1.0"),
+    (SPAM, dict(warmup_steps=-1), r"warmup_steps must be >= 0, got -1.0"),
+    (SPAM, dict(threshold=-5), r"threshold must be >= 0.0, got -5.0"),
+    (SPAM, dict(DeltaT=-500), r"DeltaT must be >= 0, got -500.0"),
+    (SPAM, dict(grad_accu_steps=-2), r"grad_accu_steps must be >= 0, got -2.0"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,message", BAD, ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _ in BAD])
+def test_bad_hyperparameters_raise_and_change_nothing(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
+    opt = cls([torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], **kwargs})
+    assert len(opt.param_groups) == 1
+
+
+def test_schedule_leaving_its_range_raises_before_any_update():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = StableSPAM([p], gamma1=lambda k: 0.7 + 0.3 * k)
+    p.grad = torch.randn(3)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"gamma1 must be \[0.0, 1.0\), got 1.0"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("cls", [StableSPAM, SPAM])
+def test_fused_backends_raise_until_implemented(cls):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    for backend in ("cpu", "triton"):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: backend='{backend}' is not implemented yet \(the fused "
+                                             rf"C\+\+/Triton kernels for {cls.__name__} do not exist so far\)"):
+            cls(p, backend=backend)
+    with pytest.raises(ValueError, match=r"backend must be None or one of"):
+        cls(p, backend="gpu")
+    for backend in (None, "reference"):
+        opt = cls(p, backend=backend)
+        assert opt._backend_for(p[0]) == "reference"
+        p[0].grad = torch.randn(3)
+        opt.step()
+
+
+def run_with_values(make, values, steps=16):
+    """Sets the group's values by hand before each step (what a schedule must amount to)."""
+    net = model()
+    opt = make(net.parameters())
+    for k, (x, y) in enumerate(batches(steps)):
+        opt.param_groups[0].update(values(k))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    return flat(net)
+
+
+@pytest.mark.parametrize("cls,extra", [
+    (StableSPAM, dict(update_proj_gap=5, total_T=10)),
+    (SPAM, dict(DeltaT=6, warmup_steps=3, grad_accu_steps=2)),
+])
+def test_schedules_on_lr_and_betas(cls, extra):
+    lr, beta1 = Cosine(peak=1e-2, total=16), Cosine(peak=0.9, total=16, final=0.8)
+    net = model()
+    train(net, cls(net.parameters(), lr=lr, betas=(beta1, 0.999), **extra), batches(16))
+    by_hand = run_with_values(lambda ps: cls(ps, **extra), lambda k: {"lr": lr(k), "betas": (beta1(k), 0.999)})
+    assert torch.equal(flat(net), by_hand)
+
+
+def test_stable_spam_schedules_on_gamma1_and_the_reset_interval():
+    gamma1, gap = Cosine(peak=0.7, total=16, final=0.5), (lambda k: 4 if k < 8 else 6)
+    net = model()
+    train(net, StableSPAM(net.parameters(), lr=1e-2, gamma1=gamma1, update_proj_gap=gap), batches(16))
+    by_hand = run_with_values(lambda ps: StableSPAM(ps, lr=1e-2),
+                              lambda k: {"gamma1": gamma1(k), "update_proj_gap": gap(k)})
+    assert torch.equal(flat(net), by_hand)
+
+
+def test_total_T_is_a_cosine_factor_on_beta1_and_gamma1():
+    """total_T=10 is the same as schedules β1·s(T), γ1·s(T) with T = k+1 at the k-th step(); the lr is untouched."""
+    s = lambda k: stable_spam_schedule(k + 1, total_T=10, eta_min=0.5, update_proj_gap=0)[0]  # noqa: E731
+    a, b = model(), model()
+    train(a, StableSPAM(a.parameters(), lr=1e-2, update_proj_gap=5, total_T=10), batches(16))
+    train(b, StableSPAM(b.parameters(), lr=1e-2, update_proj_gap=5, betas=(lambda k: 0.9 * s(k), 0.999),
+                        gamma1=lambda k: 0.7 * s(k)), batches(16))
+    assert torch.equal(flat(a), flat(b))
+
+
+def test_mixed_dtypes_in_one_optimizer():
+    """fp32, bf16, fp16 and float64 params together: each as if alone (the math is per tensor)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    torch.manual_seed(3)
+    init = [torch.randn(50).to(d) for d in dtypes]
+    grads = [[torch.randn(50).to(d) for d in dtypes] for _ in range(7)]
+    together = [torch.nn.Parameter(x.clone()) for x in init]
+    alone = [torch.nn.Parameter(x.clone()) for x in init]
+    opts = [StableSPAM(together, update_proj_gap=3)] + [StableSPAM([p], update_proj_gap=3) for p in alone]
+    for gs in grads:
+        for p, q, g in zip(together, alone, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    for p, q in zip(together, alone):
+        assert p.dtype == q.dtype and torch.equal(p, q)
