@@ -7,6 +7,11 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.fastopt-built
 WHEEL  := dist/.wheel-built
+BENCH_DEPS := $(VENV)/.bench-deps-installed
+# What each target installs; the versions come from constraints.txt.
+TEST_PACKAGES  := torch triton numpy ninja pybind11 setuptools build pytest pytest-benchmark tqdm scipy matplotlib \
+                  transformers torchao
+BENCH_PACKAGES := bitsandbytes deepspeed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
@@ -15,7 +20,7 @@ export TRITON_DEFAULT_FP_FUSION ?= 1
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(BUILT)
+bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) -m bench --readme README.md $(BENCH_ARGS)
 
 # Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.
@@ -39,7 +44,12 @@ aot: $(BUILT)
 
 $(DEPS): constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(TEST_PACKAGES)
+	touch $@
+
+# Peers for the benchmark only (make test does not need them).
+$(BENCH_DEPS): $(DEPS) constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(BENCH_PACKAGES)
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)

@@ -55,6 +55,15 @@ def bitsandbytes(name: str):
     return make
 
 
+def deepspeed_cpu_adam(ps):
+    import os
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds its C++ op on first use (~1.5 min)
+    return DeepSpeedCPUAdam(ps, adamw_mode=True, **ADAMW)
+
+
 CONTENDERS = [
     Contender("fastopt.AdamW", lambda ps: fastopt.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("fastopt.AdamW 8-bit states", lambda ps: fastopt.AdamW(ps, state_bits=8, **ADAMW), low_bit_bytes(8)),
@@ -62,6 +71,7 @@ CONTENDERS = [
     Contender("torch AdamW (default)", lambda ps: torch.optim.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW), FP32_ADAM_BYTES),
+    Contender("DeepSpeed CPUAdam", deepspeed_cpu_adam, FP32_ADAM_BYTES, installed("deepspeed")),
     Contender("torchao AdamW8bit", torchao("AdamW8bit"), low_bit_bytes(8), installed("torchao")),
     Contender("torchao AdamW4bit", torchao("AdamW4bit"), low_bit_bytes(4), installed("torchao")),
     Contender("bitsandbytes AdamW8bit", bitsandbytes("AdamW8bit"), low_bit_bytes(8), installed("bitsandbytes")),

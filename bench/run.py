@@ -80,6 +80,10 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
     grads = [torch.randn(s) * 1e-3 for s in shapes]
     # Contenders are built one after another and warmed up at once, so that the resident memory each one adds
     # (its copy of the parameters, its state, anything it keeps between steps) can be read off.
+    for c in contenders:  # one-time process costs (thread pools, JIT builds, imports) must not count as anyone's RSS
+        tiny = [torch.nn.Parameter(torch.zeros(4096))]
+        tiny[0].grad = torch.zeros(4096)
+        c.make(tiny).step()
     opts, rss_added = {}, {}
     for c in contenders:
         before = rss_bytes()
