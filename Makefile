@@ -11,7 +11,7 @@ BENCH_DEPS := $(VENV)/.bench-deps-installed
 # What each target installs; the versions come from constraints.txt.
 TEST_PACKAGES  := torch triton numpy ninja pybind11 setuptools build pytest pytest-benchmark tqdm scipy matplotlib \
                   transformers torchao
-BENCH_PACKAGES := bitsandbytes deepspeed
+BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 

@@ -55,6 +55,13 @@ def bitsandbytes(name: str):
     return make
 
 
+def pytorch_optimizer(name: str):
+    def make(ps):
+        import pytorch_optimizer
+        return getattr(pytorch_optimizer, name)(ps, lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"])
+    return make
+
+
 def deepspeed_cpu_adam(ps):
     import os
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -68,6 +75,12 @@ CONTENDERS = [
     Contender("fastopt.AdamW", lambda ps: fastopt.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("fastopt.AdamW 8-bit states", lambda ps: fastopt.AdamW(ps, state_bits=8, **ADAMW), low_bit_bytes(8)),
     Contender("fastopt.AdamW 4-bit states", lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW), low_bit_bytes(4)),
+    # Stable-SPAM / SPAM: the reference path (no fused kernel yet); floor: a reduction pass over g (max|g|, ‖g‖)
+    # plus the Adam pass.
+    Contender("fastopt.StableSPAM (reference)", lambda ps: fastopt.StableSPAM(ps, lr=ADAMW["lr"],
+              weight_decay=ADAMW["weight_decay"]), FP32_ADAM_BYTES + 4),
+    Contender("fastopt.SPAM (reference)", lambda ps: fastopt.SPAM(ps, lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"]),
+              FP32_ADAM_BYTES),
     Contender("torch AdamW (default)", lambda ps: torch.optim.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW), FP32_ADAM_BYTES),
@@ -75,6 +88,9 @@ CONTENDERS = [
     Contender("torchao AdamW8bit", torchao("AdamW8bit"), low_bit_bytes(8), installed("torchao")),
     Contender("torchao AdamW4bit", torchao("AdamW4bit"), low_bit_bytes(4), installed("torchao")),
     Contender("bitsandbytes AdamW8bit", bitsandbytes("AdamW8bit"), low_bit_bytes(8), installed("bitsandbytes")),
+    Contender("pytorch-optimizer StableSPAM", pytorch_optimizer("StableSPAM"), FP32_ADAM_BYTES + 4,
+              installed("pytorch_optimizer")),
+    Contender("pytorch-optimizer SPAM", pytorch_optimizer("SPAM"), FP32_ADAM_BYTES, installed("pytorch_optimizer")),
 ]
 BASELINE = "torch AdamW (fused)"
 

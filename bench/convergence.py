@@ -58,9 +58,11 @@ ADAM = dict(ADAMW, weight_decay=0.0)  # coupled L2 decay of 0.1 would be another
 OPTIMIZERS = [
     Entry("torch.optim.AdamW", ADAMW),
     Entry("fastopt.AdamW", ADAMW),
-    Entry("fastopt.Adam", ADAM),
+    Entry("fastopt.Adam", ADAM, default=False),
     Entry("fastopt.AdamW", dict(ADAMW, state_bits=8), label="fastopt.AdamW 8-bit states"),
     Entry("fastopt.AdamW", dict(ADAMW, state_bits=4), label="fastopt.AdamW 4-bit states"),
+    # Stable-SPAM with a momentum reset every 100 steps, so that the run crosses two (reference path: unfused).
+    Entry("fastopt.StableSPAM", dict(ADAMW, update_proj_gap=100)),
     # A control for "how far does rounding alone move a run": torch's own fused kernel rounds differently from its
     # default path, and leaves its curve about when fastopt.AdamW does. Off by default to keep the run short.
     Entry("torch.optim.AdamW", dict(ADAMW, fused=True), label="torch.optim.AdamW:fused", default=False),

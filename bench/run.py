@@ -38,7 +38,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     report their logical size: count their codes and scales instead)."""
     total = 0
     for state in opt.state.values():
-        for t in state.values():
+        for t in state.values() if isinstance(state, dict) else ():  # some keep global counters in opt.state
             if not isinstance(t, torch.Tensor) or t.dim() == 0:
                 continue
             parts = [getattr(t, name) for name in ("codes", "scale") if hasattr(t, name)] or [t]
@@ -47,7 +47,14 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    """This process's resident memory now (Linux /proc; 0 elsewhere), after handing freed heap memory back to
+    the OS (glibc malloc_trim), so that differences count live memory only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -135,7 +142,7 @@ def table(result: dict) -> str:
         ratio = f"{r['vs_torch_fused']:.2f}×" if r["vs_torch_fused"] else "—"
         lines.append(f"| {r['optimizer']} | {r['ms_per_step']:.1f} | {ratio} | {r['params_per_s'] / 1e9:.2f} G | "
                      f"{r['gb_per_s']:.1f} | {r['of_bandwidth']:.0%} | {r['state_bytes_per_param']:.2f} | "
-                     f"{r['rss_added_mb']:.0f} MB |")
+                     f"{r['rss_added_mb']:.0f} MiB |")
     return "\n".join(lines)
 
 
