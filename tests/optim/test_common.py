@@ -35,6 +35,20 @@ def train(net, opt, data, scaler=None):
             scaler.update()
 
 
+def resume(net, opt, make_optimizer, seed=123):
+    """What resuming a run does: torch.save model and optimizer, torch.load(weights_only=True) into a fresh model
+    (another init) and a fresh optimizer from ``make_optimizer(params)``."""
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed_net = model(seed=seed)
+    resumed_net.load_state_dict(ckpt["model"])
+    resumed = make_optimizer(resumed_net.parameters())
+    resumed.load_state_dict(ckpt["opt"])
+    return resumed_net, resumed
+
+
 def flat(net):
     return torch.cat([p.detach().double().flatten() for p in net.parameters()])
 
@@ -81,14 +95,7 @@ def test_resume_is_bit_for_bit(case):
     net = model()
     opt = case.make(net.parameters())
     train(net, opt, data[:13])
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed_net = model(seed=123)
-    resumed_net.load_state_dict(ckpt["model"])
-    resumed = case.make(resumed_net.parameters())
-    resumed.load_state_dict(ckpt["opt"])
+    resumed_net, resumed = resume(net, opt, case.make)
     train(resumed_net, resumed, data[13:])
     assert torch.equal(flat(resumed_net), flat(straight_net))
 

@@ -1,6 +1,5 @@
 """Schedules driving optimizer hyperparameters: the value applied at the k-th step() is sched(k), for lr, each
 beta and weight decay; schedules survive state_dict (as JSON-able specs) and a resumed run continues exactly."""
-import io
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 import fastopt
 import fastopt.schedules
 from fastopt.schedules import WSD, Constant, Cosine, Linear
-from tests.optim.test_common import batches, flat, model, train
+from tests.optim.test_common import batches, flat, model, resume, train
 
 LR = WSD(peak=3e-2, total=30, warmup=5, decay=0.4)
 BETA1 = Cosine(peak=0.95, total=30, final=0.8)
@@ -85,14 +84,7 @@ def test_state_dict_carries_schedules_and_resume_is_exact():
     net = model()
     opt = make(net)
     train(net, opt, data[:12])
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed_net = model(seed=7)
-    resumed_net.load_state_dict(ckpt["model"])
-    resumed = fastopt.AdamW(resumed_net.parameters())  # built without schedules: the checkpoint brings them
-    resumed.load_state_dict(ckpt["opt"])
+    resumed_net, resumed = resume(net, opt, fastopt.AdamW)  # built without schedules: the checkpoint brings them
     group = resumed.param_groups[0]
     assert group["lr"] == LR and group["betas"][0] == BETA1 and group["weight_decay"] == WD
     train(resumed_net, resumed, data[12:])

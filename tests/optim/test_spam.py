@@ -1,6 +1,5 @@
 """fastopt.StableSPAM and fastopt.SPAM as optimizers: checkpoints across a momentum reset, 4-bit moments (a reset
 zeros codes and scales), training quality with 4-bit states, validation, backends, schedules."""
-import io
 import math
 
 import pytest
@@ -10,7 +9,7 @@ from fastopt.ops.spam import spam_step, stable_spam_schedule, stable_spam_step
 from fastopt.optim.spam import SPAM, StableSPAM
 from fastopt.quant import FORMATS, Quantized, encode, zeros
 from fastopt.schedules import Cosine
-from tests.optim.test_common import batches, flat, model, train
+from tests.optim.test_common import batches, flat, model, resume, train
 from tests.optim.test_low_bit import regression_task
 
 CONFIGS = {  # every one resets its moments at least once in 12 steps
@@ -37,14 +36,7 @@ def test_resume_across_a_reset_is_bit_for_bit(name, storage):
     net = model()
     opt = make(net.parameters())
     train(net, opt, data[:4])
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed_net = model(seed=7)
-    resumed_net.load_state_dict(ckpt["model"])
-    resumed = make(resumed_net.parameters())
-    resumed.load_state_dict(ckpt["opt"])
+    resumed_net, resumed = resume(net, opt, make)
     assert resumed._step_count == 4
     train(resumed_net, resumed, data[4:])
     assert torch.equal(flat(resumed_net), flat(straight_net))
