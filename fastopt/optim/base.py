@@ -55,7 +55,10 @@ def as_number(value: float | torch.Tensor) -> float:
 
 def check_range(owner: str, name: str, value: float | torch.Tensor, low: float, high: float = math.inf,
                 high_open: bool = False) -> None:
-    """Raises ValueError naming the argument unless low <= value <= high (or < high when high_open)."""
+    """Raises ValueError naming the argument unless low <= value <= high (or < high when high_open).
+    None stands for a tensor that step() does not read (it was checked when its group was added)."""
+    if value is None:
+        return
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise ValueError(f"{owner}: {name} must be a number, a 0-d tensor or a schedule, got a tensor of shape "
                          f"{tuple(value.shape)}")
@@ -123,14 +126,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state[name]
 
     # ---- hyperparameters ----------------------------------------------------------------------
-    def _hyperparameters(self, group: dict, step: int) -> dict:
-        """The group's options with schedules evaluated at ``step``; betas become a tuple of values."""
+    def _hyperparameters(self, group: dict, step: int, *, read_tensors: bool = True) -> dict:
+        """The group's options with schedules evaluated at ``step``; betas become a tuple of values.
+        step() passes read_tensors=False: 0-d tensor values were checked when their group was added, and reading
+        one again (``.item()``) would make every step wait for the device."""
         hp = dict(group)
         hp.pop("params", None)
         for key in self.hyperparameters:
             value = group[key]
             hp[key] = tuple(resolve(b, step) for b in value) if key == "betas" else resolve(value, step)
-        self._check_hyperparameters(hp)
+        unread = lambda v: None if isinstance(v, torch.Tensor) and not read_tensors else v  # noqa: E731
+        self._check_hyperparameters({k: tuple(map(unread, v)) if k == "betas" else unread(v) for k, v in hp.items()})
         return hp
 
     def _check_options(self, options: dict) -> None:
@@ -185,7 +191,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Check everything first, so that a bad value raises before anything is updated.
         work = []
         for g, group in enumerate(self.param_groups):
-            hp = self._hyperparameters(group, self._step_count)
+            hp = self._hyperparameters(group, self._step_count, read_tensors=False)
             params = [p for p in group["params"] if p.grad is not None]
             for i, p in enumerate(params):
                 if p.grad.is_sparse:

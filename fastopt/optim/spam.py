@@ -10,7 +10,10 @@ from fastopt.optim.base import FusedOptimizer, as_number, check_range, is_schedu
 
 
 def check_count(owner: str, name: str, value, low: int) -> None:
-    """A number of steps: a whole number >= low (a float such as 500.0 from a schedule is fine)."""
+    """A number of steps: a whole number >= low (a float such as 500.0 from a schedule is fine; None: an unread
+    tensor, see check_range)."""
+    if value is None:
+        return
     if is_schedule(value) or isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise ValueError(f"{owner}: {name} must be a whole number of steps, got {value!r}")
     check_range(owner, name, value, low)

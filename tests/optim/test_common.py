@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastopt
+from fastopt.optim import base
 from tests.optim.cases import CASES, TWIN_CASES
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -240,6 +241,22 @@ def test_mixed_dtypes_in_one_optimizer(backend):
     for p, q in zip(ours, ref):
         assert p.dtype == q.dtype and o.state[p]["exp_avg"].dtype == p.dtype
         torch.testing.assert_close(p, q, rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+def test_step_does_not_read_tensor_hyperparameters(case, monkeypatch):
+    """A 0-d tensor lr is checked when its group is added; step() must not read it back (on a GPU, .item()
+    would make every step wait for the device)."""
+    net = model()
+    opt = case.make(net.parameters(), lr=torch.tensor(1e-2))
+    real = base.as_number
+
+    def no_tensor_reads(value):
+        assert not isinstance(value, torch.Tensor), "step() read a tensor hyperparameter to validate it"
+        return real(value)
+
+    monkeypatch.setattr(base, "as_number", no_tensor_reads)
+    train(net, opt, batches(2))
 
 
 def test_backend_argument_is_checked():
