@@ -64,11 +64,12 @@ class Linear(Piecewise):
     total: int
     warmup: int | float = 0
     final: float = 0.0
+    decay_shape = "linear"  # a class constant, not a field: REX is this schedule with its own decay profile
 
     def _phases(self):
         peak, final, total = self._number("peak"), self._number("final"), self._count("total")
         warmup = self._warmup(total)
-        return [Phase("warmup", warmup, 0.0, peak), Phase("decay", total - warmup, peak, final)]
+        return [Phase("warmup", warmup, 0.0, peak), Phase("decay", total - warmup, peak, final, self.decay_shape)]
 
 
 @schedule_type
@@ -260,19 +261,11 @@ class Rewarm(Piecewise):
 
 
 @schedule_type
-class REX(Piecewise):
+class REX(Linear):
     """REX (Chen et al. 2022, "REX: Revisiting Budgeted Training with an Improved Schedule"): after a linear warmup,
     final + (peak − final)·(1 − z)/(1/2 + (1 − z)/2), z the decay's progress."""
 
-    peak: float
-    total: int
-    warmup: int | float = 0
-    final: float = 0.0
-
-    def _phases(self):
-        peak, final, total = self._number("peak"), self._number("final"), self._count("total")
-        warmup = self._warmup(total)
-        return [Phase("warmup", warmup, 0.0, peak), Phase("decay", total - warmup, peak, final, "rex")]
+    decay_shape = "rex"
 
 
 @schedule_type
