@@ -37,29 +37,20 @@ def installed(module: str) -> Callable[[], bool]:
     return lambda: importlib.util.find_spec(module) is not None
 
 
-def torchao(name: str):
+def peer(path: str, **options):
+    """A factory for an installed library's optimizer class ("module.Class"), imported on first use (quietly:
+    some peers warn about GPU features on import)."""
+    module, _, name = path.rpartition(".")
+
     def make(ps):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import torchao.optim
-        return getattr(torchao.optim, name)(ps, **ADAMW)
+            cls = getattr(importlib.import_module(module), name)
+        return cls(ps, **options)
     return make
 
 
-def bitsandbytes(name: str):
-    def make(ps):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes.optim
-        return getattr(bitsandbytes.optim, name)(ps, **ADAMW)
-    return make
-
-
-def pytorch_optimizer(name: str):
-    def make(ps):
-        import pytorch_optimizer
-        return getattr(pytorch_optimizer, name)(ps, lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"])
-    return make
+SPAM_PEER = dict(lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"])
 
 
 def deepspeed_cpu_adam(ps):
@@ -77,20 +68,20 @@ CONTENDERS = [
     Contender("fastopt.AdamW 4-bit states", lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW), low_bit_bytes(4)),
     # Stable-SPAM / SPAM: the reference path (no fused kernel yet); floor: a reduction pass over g (max|g|, ‖g‖)
     # plus the Adam pass.
-    Contender("fastopt.StableSPAM (reference)", lambda ps: fastopt.StableSPAM(ps, lr=ADAMW["lr"],
-              weight_decay=ADAMW["weight_decay"]), FP32_ADAM_BYTES + 4),
-    Contender("fastopt.SPAM (reference)", lambda ps: fastopt.SPAM(ps, lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"]),
-              FP32_ADAM_BYTES),
+    Contender("fastopt.StableSPAM (reference)", lambda ps: fastopt.StableSPAM(ps, **SPAM_PEER), FP32_ADAM_BYTES + 4),
+    Contender("fastopt.SPAM (reference)", lambda ps: fastopt.SPAM(ps, **SPAM_PEER), FP32_ADAM_BYTES),
     Contender("torch AdamW (default)", lambda ps: torch.optim.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW), FP32_ADAM_BYTES),
     Contender("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW), FP32_ADAM_BYTES),
     Contender("DeepSpeed CPUAdam", deepspeed_cpu_adam, FP32_ADAM_BYTES, installed("deepspeed")),
-    Contender("torchao AdamW8bit", torchao("AdamW8bit"), low_bit_bytes(8), installed("torchao")),
-    Contender("torchao AdamW4bit", torchao("AdamW4bit"), low_bit_bytes(4), installed("torchao")),
-    Contender("bitsandbytes AdamW8bit", bitsandbytes("AdamW8bit"), low_bit_bytes(8), installed("bitsandbytes")),
-    Contender("pytorch-optimizer StableSPAM", pytorch_optimizer("StableSPAM"), FP32_ADAM_BYTES + 4,
+    Contender("torchao AdamW8bit", peer("torchao.optim.AdamW8bit", **ADAMW), low_bit_bytes(8), installed("torchao")),
+    Contender("torchao AdamW4bit", peer("torchao.optim.AdamW4bit", **ADAMW), low_bit_bytes(4), installed("torchao")),
+    Contender("bitsandbytes AdamW8bit", peer("bitsandbytes.optim.AdamW8bit", **ADAMW), low_bit_bytes(8),
+              installed("bitsandbytes")),
+    Contender("pytorch-optimizer StableSPAM", peer("pytorch_optimizer.StableSPAM", **SPAM_PEER), FP32_ADAM_BYTES + 4,
               installed("pytorch_optimizer")),
-    Contender("pytorch-optimizer SPAM", pytorch_optimizer("SPAM"), FP32_ADAM_BYTES, installed("pytorch_optimizer")),
+    Contender("pytorch-optimizer SPAM", peer("pytorch_optimizer.SPAM", **SPAM_PEER), FP32_ADAM_BYTES,
+              installed("pytorch_optimizer")),
 ]
 BASELINE = "torch AdamW (fused)"
 
