@@ -57,23 +57,33 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
-AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad) {
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, bool spam) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad);
-    case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad);
+    case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad, spam);
+    case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad, spam);
 #endif
-    default: return scalar::adam_kernel(param, state, amsgrad);
+    default: return scalar::adam_kernel(param, state, amsgrad, spam);
   }
 }
 
-AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits) {
+GradStatsFn grad_stats_kernel(Isa isa, DType grad) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512: return avx512::adam_quantized_kernel(param, bits);
-    case Isa::avx2: return avx2::adam_quantized_kernel(param, bits);
+    case Isa::avx512: return avx512::grad_stats_kernel(grad);
+    case Isa::avx2: return avx2::grad_stats_kernel(grad);
 #endif
-    default: return scalar::adam_quantized_kernel(param, bits);
+    default: return scalar::grad_stats_kernel(grad);
+  }
+}
+
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, bool spam) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return avx512::adam_quantized_kernel(param, bits, spam);
+    case Isa::avx2: return avx2::adam_quantized_kernel(param, bits, spam);
+#endif
+    default: return scalar::adam_quantized_kernel(param, bits, spam);
   }
 }
 

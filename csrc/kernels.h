@@ -2,6 +2,7 @@
 // Kernels see raw pointers and a few fp32 scalars; nothing here includes torch headers, so the kernel
 // translation unit compiles in seconds and can be built once per ISA.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include "dtypes.h"
 
@@ -20,12 +21,27 @@ struct AdamConsts {
   float step_size;     // lr / (1 - beta1^t)
   float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^t)
   float eps;
+  // The SPAM family's gradient taming and resets, read only by the kernels built with SPAM = true:
+  float clip_thr = INFINITY;  // Stable-SPAM's AdaClip: |g| > clip_thr → g *= clip_mul (= thr / max|g|)
+  float clip_mul = 1.0f;
+  float norm_mul = 1.0f;      // Stable-SPAM's AdaGN: g *= norm_mul (= c / ||clipped g||)
+  float spike_theta = INFINITY;  // SPAM: g² > θ·v_old → g = sign(g)·sqrt(θ·v_old)  (+inf: off)
+  float post_decay = 1.0f;    // SPAM's weight decay after the update: p *= post_decay
+  bool keep_old = true;       // false: the old moments count as zero (a reset that acts on this step)
+  bool keep_new = true;       // false: store zeros instead of the new moments (Stable-SPAM's official late reset)
 };
 
 // One pass over n elements: reads p, g, m, v (and vmax), writes p, m, v (and vmax).
 // p and g share the param dtype; m, v and vmax share the state dtype. vmax is null unless amsgrad.
+// spam: the variant that also applies the SPAM-family fields of AdamConsts (no amsgrad).
 using AdamFn = void (*)(void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamConsts& c);
-AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad);
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, bool spam = false);
+
+// max |g·grad_mul| and the sum of squares of g·grad_mul after AdaClip (|x| > clip_thr → x·clip_mul) over n
+// elements of a gradient of dtype `grad`: Stable-SPAM's per-tensor reductions, one chunk at a time.
+using GradStatsFn = void (*)(const void* g, int64_t n, float grad_mul, float clip_thr, float clip_mul, float* amax,
+                             double* sumsq);
+GradStatsFn grad_stats_kernel(Isa isa, DType grad);
 
 // Block-quantized moments (fastopt/quant/formats.py): 4-bit codes packed two per byte (even element in the
 // low nibble) with one fp32 scale per 128 elements; 8-bit codes with one scale per 256.
@@ -41,7 +57,7 @@ struct QState {
 
 // Adam with both moments quantized (same bits); the chunk starts on a block boundary.
 using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, const AdamConsts& c);
-AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits);
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, bool spam = false);
 
 // thresholds[k] = the smallest y (= x / scale) whose nearest map entry is above k; computed once per call.
 // 8-bit thresholds are followed by the same values in binary-search level order (see code_thresholds).

@@ -67,11 +67,12 @@ std::vector<Chunk> split(const std::vector<int64_t>& sizes) {
   return chunks;
 }
 
-void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int64_t i) {
-  TORCH_CHECK(t.device().is_cpu(), "fastopt.adam_step: ", what, "[", i, "] must be on the CPU");
-  TORCH_CHECK(t.numel() == p.numel(), "fastopt.adam_step: ", what, "[", i, "] has ", t.numel(),
-              " elements, params[", i, "] has ", p.numel());
-  TORCH_CHECK(t.is_contiguous(), "fastopt.adam_step: ", what, "[", i, "] must be contiguous");
+void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int64_t i,
+                const char* op = "fastopt.adam_step") {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, "[", i, "] must be on the CPU");
+  TORCH_CHECK(t.numel() == p.numel(), op, ": ", what, "[", i, "] has ", t.numel(), " elements, params[", i, "] has ",
+              p.numel());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, "[", i, "] must be contiguous");
 }
 
 // Runs fn(tensor, offset, length) over all chunks of all tensors, in parallel (torch's OpenMP pool).
@@ -80,6 +81,14 @@ void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
   const std::vector<Chunk> chunks = split(sizes);
   at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) fn(chunks[c].tensor, chunks[c].begin, chunks[c].end - chunks[c].begin);
+  });
+}
+
+// Runs fn(c) for the given chunk indices, in parallel.
+template <typename Fn>
+void for_chunks(const std::vector<int64_t>& which, const Fn& fn) {
+  at::parallel_for(0, int64_t(which.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) fn(which[k]);
   });
 }
 
@@ -108,6 +117,10 @@ std::vector<AdamConsts> step_consts(at::TensorList steps, double lr, double beta
 // Returns true when GradScaler found inf/NaN: then the whole step is skipped, steps included.
 bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0;
+}
+
+double grad_multiplier(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
 }
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -228,6 +241,206 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
   });
 }
 
+// ---- the SPAM family (ALGORITHMS.md §3, §4; fastopt/ops/spam.py) -------------------------------------------------
+// Moments are float tensors (bits 0) or block-quantized codes + scales (bits 4 or 8, with the two maps).
+struct SpamArgs {
+  const char* op;
+  at::TensorList params, grads, m, v, m_scales, v_scales;
+  const std::optional<at::Tensor>& m_map;
+  const std::optional<at::Tensor>& v_map;
+  int64_t bits;
+};
+
+float& scalar_ref(const at::Tensor& t, const char* op, const char* what, int64_t i) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1, op, ": ", what, "[", i,
+              "] must be a float32 CPU scalar tensor");
+  return *t.data_ptr<float>();
+}
+
+// Checks every tensor before anything changes; returns the element counts.
+std::vector<int64_t> check_spam(const SpamArgs& a, std::initializer_list<std::pair<at::TensorList, const char*>> scalars) {
+  const int64_t n = int64_t(a.params.size());
+  TORCH_CHECK(a.bits == 0 || a.bits == 4 || a.bits == 8, a.op, ": bits must be 0 (float moments), 4 or 8, got ", a.bits);
+  bool same = int64_t(a.grads.size()) == n && int64_t(a.m.size()) == n && int64_t(a.v.size()) == n;
+  if (a.bits) same = same && int64_t(a.m_scales.size()) == n && int64_t(a.v_scales.size()) == n;
+  for (const auto& [list, what] : scalars) same = same && int64_t(list.size()) == n;
+  TORCH_CHECK(same, a.op, ": all tensor lists must have the same length");
+  if (a.bits) {
+    TORCH_CHECK(a.m_map.has_value() && a.v_map.has_value(), a.op, ": quantized moments need exp_avg_map and exp_avg_sq_map");
+    check_map(*a.m_map, a.bits, "exp_avg_map");
+    check_map(*a.v_map, a.bits, "exp_avg_sq_map");
+  }
+  std::vector<int64_t> sizes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), a.op, ": params[", i, "] must be a contiguous CPU tensor");
+    dtype_of(p, "params");
+    check_same(p, a.grads[i], "grads", i, a.op);
+    TORCH_CHECK(a.grads[i].scalar_type() == p.scalar_type(), a.op, ": grads[", i, "] dtype differs from params[", i, "]");
+    if (a.bits) {
+      check_quantized(a.m[i], a.m_scales[i], p.numel(), a.bits, "exp_avg", i);
+      check_quantized(a.v[i], a.v_scales[i], p.numel(), a.bits, "exp_avg_sq", i);
+    } else {
+      check_same(p, a.m[i], "exp_avgs", i, a.op);
+      check_same(p, a.v[i], "exp_avg_sqs", i, a.op);
+      dtype_of(a.m[i], "exp_avgs");
+      TORCH_CHECK(a.v[i].scalar_type() == a.m[i].scalar_type(), a.op, ": exp_avg_sqs[", i,
+                  "] dtype differs from exp_avgs[", i, "]");
+    }
+    for (const auto& [list, what] : scalars) scalar_ref(list[i], a.op, what, i);
+    sizes[i] = p.numel();
+  }
+  return sizes;
+}
+
+// The fused pass: per tensor, its AdamConsts (with the SPAM-family fields) over every chunk.
+void spam_update(const SpamArgs& a, const std::vector<int64_t>& sizes, const std::vector<AdamConsts>& consts) {
+  const Isa isa = current_isa();
+  if (a.bits == 0) {
+    for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
+      auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
+      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), false, true)(
+          at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), nullptr, len, consts[i]);
+    });
+    return;
+  }
+  const int bits = int(a.bits), block = block_size(bits);
+  std::vector<float> m_thresholds(thresholds_size(bits)), v_thresholds(thresholds_size(bits));
+  code_thresholds(a.m_map->data_ptr<float>(), bits, m_thresholds.data());
+  code_thresholds(a.v_map->data_ptr<float>(), bits, v_thresholds.data());
+  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
+    const int64_t blk = off / block;  // chunks start on block boundaries
+    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
+                     const std::vector<float>& thresholds) {
+      return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
+                    map.data_ptr<float>(), thresholds.data()};
+    };
+    adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, true)(
+        static_cast<char*>(a.params[i].data_ptr()) + off * a.params[i].element_size(),
+        static_cast<const char*>(a.grads[i].data_ptr()) + off * a.grads[i].element_size(),
+        state(a.m[i], a.m_scales[i], *a.m_map, m_thresholds), state(a.v[i], a.v_scales[i], *a.v_map, v_thresholds),
+        len, consts[i]);
+  });
+}
+
+void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList steps,
+                      at::TensorList stats_steps, at::TensorList m_norms, at::TensorList v_norms,
+                      at::TensorList m_maxes, const std::optional<at::Tensor>& exp_avg_map,
+                      const std::optional<at::Tensor>& exp_avg_sq_map, int64_t bits, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, double gamma1, double gamma2, double gamma3,
+                      double scale, bool reset, bool official, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  const SpamArgs a{"fastopt.stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                   exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits};
+  const std::vector<int64_t> sizes = check_spam(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
+                                                    {m_norms, "m_norms"}, {v_norms, "v_norms"}, {m_maxes, "m_maxes"}});
+  if (skip_step(found_inf)) return;
+  const double grad_mul = grad_multiplier(grad_scale), theta = gamma3, g1 = gamma1 * scale, b1 = beta1 * scale;
+  const int64_t n = int64_t(params.size());
+  const Isa isa = current_isa();
+
+  // Pass 1 over the gradients: max|g| and sum g² per chunk.
+  const std::vector<Chunk> chunks = split(sizes);
+  std::vector<float> chunk_max(chunks.size());
+  std::vector<double> chunk_sum(chunks.size());
+  std::vector<int64_t> all(chunks.size());
+  for (size_t c = 0; c < chunks.size(); ++c) all[c] = int64_t(c);
+  auto reduce = [&](int64_t c, float thr, float mul) {
+    const Chunk& k = chunks[c];
+    const at::Tensor& g = grads[k.tensor];
+    grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
+                                                  k.end - k.begin, float(grad_mul), thr, mul, &chunk_max[c],
+                                                  &chunk_sum[c]);
+  };
+  for_chunks(all, [&](int64_t c) { reduce(c, INFINITY, 1.0f); });
+
+  // AdaClip per tensor (host math in double, statistics stored as float32 like the reference).
+  std::vector<AdamConsts> consts(n);
+  std::vector<float> tensor_max(n, 0.0f);
+  for (size_t c = 0; c < chunks.size(); ++c)  // max that keeps a NaN
+    tensor_max[chunks[c].tensor] = f32_to_bits(chunk_max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
+                                       ? chunk_max[c] : tensor_max[chunks[c].tensor];
+  std::vector<double> u(n);
+  for (int64_t i = 0; i < n; ++i) {
+    float& t = *steps[i].data_ptr<float>();
+    float& stats_t = *stats_steps[i].data_ptr<float>();
+    t += 1.0f;
+    stats_t += 1.0f;
+    u[i] = official ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
+    float& m_max = *m_maxes[i].data_ptr<float>();
+    const double M = tensor_max[i];
+    m_max = float(theta * m_max + (1.0 - theta) * M);
+    const float thr = float(m_max / (1.0 - std::pow(theta, u[i])));
+    consts[i].clip_thr = thr;
+    consts[i].clip_mul = M > 0.0 ? float(thr / M) : 1.0f;
+  }
+  // Pass 2, only over chunks holding clipped entries: their sum of squares after AdaClip.
+  std::vector<int64_t> clipped;
+  for (size_t c = 0; c < chunks.size(); ++c)
+    if (!(chunk_max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
+  for_chunks(clipped, [&](int64_t c) {
+    reduce(c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
+  });
+  std::vector<double> sumsq(n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += chunk_sum[c];
+
+  // AdaGN and the Adam constants per tensor.
+  for (int64_t i = 0; i < n; ++i) {
+    const double norm = std::sqrt(sumsq[i]);
+    float& m_norm = *m_norms[i].data_ptr<float>();
+    float& v_norm = *v_norms[i].data_ptr<float>();
+    m_norm = float(g1 * m_norm + (1.0 - g1) * norm);
+    v_norm = float(gamma2 * v_norm + (1.0 - gamma2) * norm * norm);
+    const double c = (m_norm / (1.0 - std::pow(g1, u[i]))) / (std::sqrt(v_norm / (1.0 - std::pow(gamma2, u[i]))) + eps);
+    float& t = *steps[i].data_ptr<float>();
+    if (reset) t = 1.0f;
+    const double bc1 = 1.0 - std::pow(b1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
+    AdamConsts& k = consts[i];
+    k.grad_mul = float(grad_mul);
+    k.l2 = 0.0f;
+    k.decay = float(1.0 - lr * weight_decay);
+    k.beta1 = float(b1), k.one_minus_beta1 = float(1.0 - b1), k.beta2 = float(beta2), k.one_minus_beta2 = float(1.0 - beta2);
+    k.step_size = float(lr / bc1);
+    k.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+    k.eps = float(eps);
+    k.norm_mul = norm > 0.0 ? float(c / norm) : 1.0f;
+    k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
+    k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
+  }
+  spam_update(a, sizes, consts);
+}
+
+void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList steps,
+               const std::optional<at::Tensor>& exp_avg_map, const std::optional<at::Tensor>& exp_avg_sq_map,
+               int64_t bits, double lr, double beta1, double beta2, double eps, double weight_decay, double threshold,
+               double scale, bool reset, bool clip, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  const SpamArgs a{"fastopt.spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                   exp_avg_map, exp_avg_sq_map, bits};
+  const std::vector<int64_t> sizes = check_spam(a, {{steps, "steps"}});
+  if (skip_step(found_inf)) return;
+  std::vector<AdamConsts> consts(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    float& t = *steps[i].data_ptr<float>();
+    t += 1.0f;  // keeps counting through resets: no fresh bias correction
+    const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
+    AdamConsts& k = consts[i];
+    k.grad_mul = float(grad_multiplier(grad_scale));
+    k.l2 = 0.0f;
+    k.decay = 1.0f;
+    k.beta1 = float(beta1), k.one_minus_beta1 = float(1.0 - beta1), k.beta2 = float(beta2), k.one_minus_beta2 = float(1.0 - beta2);
+    k.step_size = float(scale * lr * std::sqrt(bc2) / bc1);
+    k.inv_bc2_sqrt = 1.0f;  // SPAM's eps is added to sqrt(v) itself
+    k.eps = float(eps);
+    k.spike_theta = clip ? float(threshold) : INFINITY;
+    k.post_decay = float(1.0 - lr * weight_decay);
+    k.keep_old = !reset;
+  }
+  spam_update(a, sizes, consts);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {
   bits_of(bits);
   check_map(map, bits, "map");
@@ -268,6 +481,17 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor(f!)[] steps, Tensor exp_avg_map, Tensor exp_avg_sq_map, int bits, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, bool independent_decay=False) -> ()");
+  m.def(
+      "stable_spam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] steps, Tensor(g!)[] stats_steps, "
+      "Tensor(h!)[] m_norms, Tensor(i!)[] v_norms, Tensor(j!)[] m_maxes, Tensor? exp_avg_map, Tensor? exp_avg_sq_map, "
+      "int bits, *, float lr, float beta1, float beta2, float eps, float weight_decay, float gamma1, float gamma2, "
+      "float gamma3, float scale, bool reset, bool official, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "spam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] steps, Tensor? exp_avg_map, "
+      "Tensor? exp_avg_sq_map, int bits, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float threshold, float scale, bool reset, bool clip, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("quantize_blockwise(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)");
   m.def("dequantize_blockwise(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor");
   m.def("cpu_isa() -> str", &get_isa);
@@ -277,6 +501,8 @@ TORCH_LIBRARY(fastopt, m) {
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("adam_step", &adam_step);
   m.impl("adam_step_quantized", &adam_step_quantized);
+  m.impl("stable_spam_step", &stable_spam_step);
+  m.impl("spam_step", &spam_step);
   m.impl("quantize_blockwise", &quantize_blockwise);
   m.impl("dequantize_blockwise", &dequantize_blockwise);
 }

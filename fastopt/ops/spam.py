@@ -1,7 +1,7 @@
 """The Stable-SPAM step (ALGORITHMS.md §3) and the SPAM step (§4) over lists of tensors, in place.
 
-Only the reference implementation (pure torch; float32 math, float64 for float64 tensors) exists so far; the fused
-cpu / triton kernels of issue #5 plug into ``stable_spam_step`` / ``spam_step`` beside it. What is global to a
+Three implementations that agree: ``reference`` (pure torch; float32 math, float64 for float64 tensors), ``cpu``
+(C++: torch.ops.fastopt.stable_spam_step / spam_step) and ``triton`` (fastopt/kernels/triton/spam.py). What is global to a
 step (the cosine factor s, whether this step resets the moments, whether SPAM clips) is decided once per step by
 ``stable_spam_schedule`` / ``spam_schedule`` from the optimizer's step count and reaches the op as runtime values.
 
@@ -36,22 +36,10 @@ import math
 
 import torch
 
-from fastopt.ops._backends import check_backend
+from fastopt.ops._backends import resolve, run_contiguous
 from fastopt.quant.formats import Quantized
 
-IMPLEMENTED = ("reference",)  # the fused cpu / triton kernels are not written yet (issue #5)
 COMPAT = (None, "official")
-
-
-def implementation(backend: str | None, owner: str) -> str:
-    """The implementation that runs a (Stable-)SPAM step: the reference, whatever the device, until the fused
-    kernels exist. Forcing "cpu" or "triton" is an error rather than a silent fallback."""
-    check_backend(backend)
-    if backend is not None and backend not in IMPLEMENTED:
-        raise ValueError(f"{owner}: backend={backend!r} is not implemented yet (the fused C++/Triton kernels for "
-                         f"{owner} do not exist so far); use backend=None or 'reference', the pure-torch reference "
-                         "implementation")
-    return "reference"
 
 
 # ---- what is global to a step --------------------------------------------------------------------------------
@@ -122,11 +110,22 @@ def stable_spam_step(
         raise ValueError(f"stable_spam_step: compat must be one of {COMPAT}, got {compat!r}")
     if not params:
         return
-    if implementation(backend, "stable_spam_step") == "reference":
-        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes,
-                               lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
-                               gamma2=gamma2, theta=gamma3, scale=scale, reset=reset,
-                               official=compat == "official", grad_scale=grad_scale, found_inf=found_inf)
+    backend = resolve(backend, params[0].device)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+              gamma3=gamma3, scale=scale, reset=reset, official=compat == "official", grad_scale=grad_scale,
+              found_inf=found_inf)
+    stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
+    if backend == "reference":
+        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, **hp)
+    elif backend == "cpu":
+        for idx, bits in _by_storage(exp_avgs):
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            _run_cpu(torch.ops.fastopt.stable_spam_step, pick(params), pick(grads), pick(exp_avgs),
+                     pick(exp_avg_sqs), [pick(s) for s in stats], bits, hp)
+    else:
+        from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
+
+        _run_triton(triton_stable_spam_step, params, grads, exp_avgs, exp_avg_sqs, stats, hp)
 
 
 def spam_step(
@@ -153,10 +152,45 @@ def spam_step(
     whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step."""
     if not params:
         return
-    if implementation(backend, "spam_step") == "reference":
-        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, threshold=threshold, scale=scale, reset=reset, clip=clip,
-                        grad_scale=grad_scale, found_inf=found_inf)
+    backend = resolve(backend, params[0].device)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=threshold, scale=scale,
+              reset=reset, clip=clip, grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "reference":
+        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hp)
+    elif backend == "cpu":
+        for idx, bits in _by_storage(exp_avgs):
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            _run_cpu(torch.ops.fastopt.spam_step, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                     [pick(steps)], bits, hp)
+    else:
+        from fastopt.kernels.triton.spam import spam_step as triton_spam_step
+
+        _run_triton(triton_spam_step, params, grads, exp_avgs, exp_avg_sqs, [steps], hp)
+
+
+# ---- fused implementations -------------------------------------------------------------------------------------
+def _by_storage(moments: list) -> list[tuple[list[int], int]]:
+    """Tensor indices grouped by how their moments are stored: bits 0 (float tensors), 4 or 8."""
+    bits = [m.fmt.bits if isinstance(m, Quantized) else 0 for m in moments]
+    return [([i for i, b in enumerate(bits) if b == want], want) for want in sorted(set(bits))]
+
+
+def _run_cpu(op, params, grads, exp_avgs, exp_avg_sqs, counters, bits, hp) -> None:
+    """One C++ op call for tensors whose moments share a storage: float tensors (bits 0) or codes + scales."""
+    hp = dict(hp, lr=float(hp["lr"]))
+    if bits:
+        maps = [exp_avgs[0].fmt.table(), exp_avg_sqs[0].fmt.table()]
+        m_scales, v_scales = [m.scales for m in exp_avgs], [v.scales for v in exp_avg_sqs]
+        exp_avgs, exp_avg_sqs = [m.codes for m in exp_avgs], [v.codes for v in exp_avg_sqs]
+    else:
+        maps, m_scales, v_scales = [None, None], [], []
+    # moments are the optimizer's own contiguous state; params and grads may be views
+    run_contiguous(lambda ps, gs: op(ps, gs, exp_avgs, exp_avg_sqs, m_scales, v_scales, *counters, *maps, bits, **hp),
+                   [params], [grads])
+
+
+def _run_triton(fn, params, grads, exp_avgs, exp_avg_sqs, counters, hp) -> None:
+    run_contiguous(lambda ps, gs: fn(ps, gs, exp_avgs, exp_avg_sqs, *counters, **hp), [params], [grads])
 
 
 # ---- reference implementation --------------------------------------------------------------------------------
@@ -202,8 +236,9 @@ def _skipped(found_inf: torch.Tensor | None) -> bool:
 
 
 def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *,
-                           lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, theta, scale, reset, official,
+                           lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset, official,
                            grad_scale, found_inf) -> None:
+    theta = gamma3
     if _skipped(found_inf):
         return
     b1, g1 = beta1 * scale, gamma1 * scale
@@ -222,7 +257,7 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
         g = torch.where(g.abs() > thr, g / M * thr, g)
 
         # AdaGN: rescale g to the running norm statistics
-        n = torch.linalg.vector_norm(g)
+        n = torch.linalg.vector_norm(g, dtype=torch.float64)  # a float32 sum of 1e6 squares is off by ~1e-5
         m_norm = g1 * m_norms[i] + (1 - g1) * n
         v_norm = gamma2 * v_norms[i] + (1 - gamma2) * n * n
         c = (m_norm / _bias_correction(g1, u)) / ((v_norm / _bias_correction(gamma2, u)).sqrt() + eps)

@@ -1,10 +1,9 @@
-"""fastopt.StableSPAM and fastopt.SPAM: thin classes over fastopt/ops/spam.py (math: ALGORITHMS.md §3, §4).
-Only the reference implementation exists so far; every tensor runs on it."""
+"""fastopt.StableSPAM and fastopt.SPAM: thin classes over fastopt/ops/spam.py (math: ALGORITHMS.md §3, §4)."""
 from __future__ import annotations
 
 import torch
 
-from fastopt.ops.spam import COMPAT, implementation, spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
+from fastopt.ops.spam import COMPAT, spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
 from fastopt.optim.adam import as_float
 from fastopt.optim.base import FusedOptimizer, as_number, check_range, is_schedule
 
@@ -22,18 +21,10 @@ def check_count(owner: str, name: str, value, low: int) -> None:
 
 
 class _SpamBase(FusedOptimizer):
-    """What StableSPAM and SPAM share: Adam's moments and hyperparameters, and the choice of implementation
-    (every tensor on the reference path until the fused kernels exist)."""
-
-    def __init__(self, params, defaults: dict, *, backend: str | None):
-        implementation(backend, type(self).__name__)  # backend="cpu"/"triton": a clear error, no silent fallback
-        super().__init__(params, defaults, backend=backend)
+    """What StableSPAM and SPAM share: Adam's moments and hyperparameters."""
 
     def _moment_names(self, group: dict) -> list[tuple[str, bool]]:
         return [("exp_avg", True), ("exp_avg_sq", False)]
-
-    def _backend_for(self, p: torch.Tensor) -> str:
-        return implementation(self.backend, self._name)
 
     def _check_adam(self, hp: dict) -> None:
         check_range(self._name, "lr", hp["lr"], 0.0)
@@ -75,8 +66,9 @@ class StableSPAM(_SpamBase):
     Both modes keep the same state (``step`` = Adam's t, ``stats_step``, ``m_norm``, ``v_norm``, ``m_max`` as 0-d
     tensors; ``exp_avg``, ``exp_avg_sq`` as moments); before the first reset they agree bit for bit.
     ``state_bits`` / ``min_quant_size`` store the moments as in :class:`fastopt.AdamW` (4-bit, 8-bit, bf16, fp32);
-    the scalar statistics stay float32 (float64 for float64 params). Only the reference implementation exists so
-    far: ``backend`` None or "reference"; "cpu" and "triton" raise ValueError.
+    the scalar statistics stay float32 (float64 for float64 params). ``backend`` as in :class:`fastopt.AdamW`:
+    each step reduces every gradient on its device (max|g|, then the norm of the clipped gradient, re-reading only
+    the chunks that hold clipped entries) and then runs one fused pass per tensor; nothing waits for the host.
     """
     hyperparameters = ("lr", "betas", "eps", "weight_decay", "gamma1", "gamma2", "gamma3", "update_proj_gap")
 
@@ -131,8 +123,7 @@ class SPAM(_SpamBase):
     update. Exactly the authors' algorithm, ALGORITHMS.md §4.
 
     Any of ``lr``, each beta, ``eps`` and ``weight_decay`` may be a float, a 0-d tensor or a schedule.
-    ``state_bits`` / ``min_quant_size`` store the moments as in :class:`fastopt.AdamW`. Only the reference
-    implementation exists so far: ``backend`` None or "reference"; "cpu" and "triton" raise ValueError.
+    ``state_bits`` / ``min_quant_size`` and ``backend`` as in :class:`fastopt.AdamW` (one fused pass per tensor).
     Note (as in the authors' code): a tensor whose first gradient arrives after step ``grad_accu_steps``, outside
     a pause, has v = 0, so clipping zeros its gradient until the next reset's pause.
     """

@@ -311,12 +311,7 @@ def test_found_inf_skips_everything_and_grad_scale_unscales():
         assert torch.equal(plain[0][0], scaled[0][0])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_fused_backends_are_not_implemented_yet(backend):
-    with pytest.raises(ValueError, match=rf"stable_spam_step: backend='{backend}' is not implemented yet"):
-        stable_spam_step(*stable_state(10), **STABLE_OP, backend=backend)
-    with pytest.raises(ValueError, match=rf"spam_step: backend='{backend}' is not implemented yet"):
-        spam_step(*stable_state(10)[:5], **SPAM_OP, backend=backend)
+def test_unknown_compat_raises():
     with pytest.raises(ValueError, match=r"compat must be one of \(None, 'official'\), got 'paper'"):
         stable_spam_step(*stable_state(10), **STABLE_OP, compat="paper")
 

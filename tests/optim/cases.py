@@ -47,7 +47,7 @@ STATE_BITS_BAD = [
 for _bits in (8, 4):  # min_quant_size=0: the small test models' tensors are quantized too
     CASES.append(Case(f"AdamW-{_bits}bit", lambda ps, _b=_bits, **kw: fastopt.AdamW(
         ps, **{"lr": 1e-2, "state_bits": _b, "min_quant_size": 0, **kw}), None, ADAM_BAD + STATE_BITS_BAD))
-# Stable-SPAM and SPAM (reference implementation only; no torch twin). Small reset intervals so that the 10- to
+# Stable-SPAM and SPAM (no torch twin). Small reset intervals so that the 10- to
 # 30-step generic tests cross several momentum resets.
 STABLE_SPAM_BAD = ADAM_BAD + [
     (dict(gamma1=1.0), r"gamma1 must be \[0.0, 1.0\), got 1.0"),
