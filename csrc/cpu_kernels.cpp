@@ -57,13 +57,13 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
-AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, bool spam) {
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad, spam);
-    case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad, spam);
+    case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad, tame);
+    case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad, tame);
 #endif
-    default: return scalar::adam_kernel(param, state, amsgrad, spam);
+    default: return scalar::adam_kernel(param, state, amsgrad, tame);
   }
 }
 
@@ -77,13 +77,13 @@ GradStatsFn grad_stats_kernel(Isa isa, DType grad) {
   }
 }
 
-AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, bool spam) {
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, Tame tame) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512: return avx512::adam_quantized_kernel(param, bits, spam);
-    case Isa::avx2: return avx2::adam_quantized_kernel(param, bits, spam);
+    case Isa::avx512: return avx512::adam_quantized_kernel(param, bits, tame);
+    case Isa::avx2: return avx2::adam_quantized_kernel(param, bits, tame);
 #endif
-    default: return scalar::adam_quantized_kernel(param, bits, spam);
+    default: return scalar::adam_quantized_kernel(param, bits, tame);
   }
 }
 

@@ -21,7 +21,7 @@ struct AdamConsts {
   float step_size;     // lr / (1 - beta1^t)
   float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^t)
   float eps;
-  // The SPAM family's gradient taming and resets, read only by the kernels built with SPAM = true:
+  // The SPAM family's gradient taming and resets, read only by the kernels built with a Tame other than none:
   float clip_thr = INFINITY;  // Stable-SPAM's AdaClip: |g| > clip_thr → g *= clip_mul (= thr / max|g|)
   float clip_mul = 1.0f;
   float norm_mul = 1.0f;      // Stable-SPAM's AdaGN: g *= norm_mul (= c / ||clipped g||)
@@ -33,9 +33,11 @@ struct AdamConsts {
 
 // One pass over n elements: reads p, g, m, v (and vmax), writes p, m, v (and vmax).
 // p and g share the param dtype; m, v and vmax share the state dtype. vmax is null unless amsgrad.
-// spam: the variant that also applies the SPAM-family fields of AdamConsts (no amsgrad).
+// How a kernel of the SPAM family tames the gradient before Adam: Stable-SPAM's AdaClip + AdaGN (clip_thr,
+// clip_mul, norm_mul) or SPAM's spike clipping (spike_theta); both also honour keep_old / keep_new and post_decay.
+enum class Tame : int { none = 0, clip_normalize = 1, spike = 2 };
 using AdamFn = void (*)(void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamConsts& c);
-AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, bool spam = false);
+AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame = Tame::none);  // amsgrad: Tame::none
 
 // max |g·grad_mul| and the sum of squares of g·grad_mul after AdaClip (|x| > clip_thr → x·clip_mul) over n
 // elements of a gradient of dtype `grad`: Stable-SPAM's per-tensor reductions, one chunk at a time.
@@ -57,7 +59,7 @@ struct QState {
 
 // Adam with both moments quantized (same bits); the chunk starts on a block boundary.
 using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, const AdamConsts& c);
-AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, bool spam = false);
+AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, Tame tame = Tame::none);
 
 // thresholds[k] = the smallest y (= x / scale) whose nearest map entry is above k; computed once per call.
 // 8-bit thresholds are followed by the same values in binary-search level order (see code_thresholds).

@@ -294,12 +294,13 @@ std::vector<int64_t> check_spam(const SpamArgs& a, std::initializer_list<std::pa
 }
 
 // The fused pass: per tensor, its AdamConsts (with the SPAM-family fields) over every chunk.
-void spam_update(const SpamArgs& a, const std::vector<int64_t>& sizes, const std::vector<AdamConsts>& consts) {
+void spam_update(const SpamArgs& a, Tame tame, const std::vector<int64_t>& sizes,
+                 const std::vector<AdamConsts>& consts) {
   const Isa isa = current_isa();
   if (a.bits == 0) {
     for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
       auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
-      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), false, true)(
+      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), false, tame)(
           at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), nullptr, len, consts[i]);
     });
     return;
@@ -315,7 +316,7 @@ void spam_update(const SpamArgs& a, const std::vector<int64_t>& sizes, const std
       return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
                     map.data_ptr<float>(), thresholds.data()};
     };
-    adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, true)(
+    adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
         static_cast<char*>(a.params[i].data_ptr()) + off * a.params[i].element_size(),
         static_cast<const char*>(a.grads[i].data_ptr()) + off * a.grads[i].element_size(),
         state(a.m[i], a.m_scales[i], *a.m_map, m_thresholds), state(a.v[i], a.v_scales[i], *a.v_map, v_thresholds),
@@ -408,7 +409,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
     k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
   }
-  spam_update(a, sizes, consts);
+  spam_update(a, Tame::clip_normalize, sizes, consts);
 }
 
 void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -438,7 +439,7 @@ void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     k.post_decay = float(1.0 - lr * weight_decay);
     k.keep_old = !reset;
   }
-  spam_update(a, sizes, consts);
+  spam_update(a, Tame::spike, sizes, consts);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {
