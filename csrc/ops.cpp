@@ -189,61 +189,9 @@ void check_quantized(const at::Tensor& codes, const at::Tensor& scales, int64_t 
               "fastopt: ", what, "_scales[", i, "] must be a contiguous float32 CPU tensor of ", blocks, " blocks");
 }
 
-void adam_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
-                         at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_codes,
-                         at::TensorList exp_avg_sq_scales, at::TensorList steps, const at::Tensor& exp_avg_map,
-                         const at::Tensor& exp_avg_sq_map, int64_t bits, double lr, double beta1, double beta2,
-                         double eps, double weight_decay, bool decoupled, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                         bool independent_decay) {
-  const int64_t n = int64_t(params.size());
-  bits_of(bits);
-  TORCH_CHECK(int64_t(grads.size()) == n && int64_t(exp_avg_codes.size()) == n && int64_t(exp_avg_scales.size()) == n &&
-                  int64_t(exp_avg_sq_codes.size()) == n && int64_t(exp_avg_sq_scales.size()) == n &&
-                  int64_t(steps.size()) == n,
-              "fastopt.adam_step_quantized: all tensor lists must have the same length");
-  check_map(exp_avg_map, bits, "exp_avg_map");
-  check_map(exp_avg_sq_map, bits, "exp_avg_sq_map");
-  std::vector<AdamQFn> fns(n);
-  std::vector<int64_t> sizes(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastopt.adam_step_quantized: params[", i,
-                "] must be a contiguous CPU tensor");
-    check_same(p, grads[i], "grads", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "fastopt.adam_step_quantized: grads[", i,
-                "] dtype differs from params[", i, "]");
-    check_quantized(exp_avg_codes[i], exp_avg_scales[i], p.numel(), bits, "exp_avg", i);
-    check_quantized(exp_avg_sq_codes[i], exp_avg_sq_scales[i], p.numel(), bits, "exp_avg_sq", i);
-    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                "fastopt.adam_step_quantized: steps[", i, "] must be a float32 CPU scalar tensor");
-    fns[i] = adam_quantized_kernel(current_isa(), dtype_of(p, "params"), int(bits));
-    sizes[i] = p.numel();
-  }
-  if (skip_step(found_inf)) return;
-  const std::vector<AdamConsts> consts =
-      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
-  const int64_t block = block_size(int(bits));
-  std::vector<float> m_thresholds(thresholds_size(int(bits))), v_thresholds(thresholds_size(int(bits)));
-  code_thresholds(exp_avg_map.data_ptr<float>(), int(bits), m_thresholds.data());
-  code_thresholds(exp_avg_sq_map.data_ptr<float>(), int(bits), v_thresholds.data());
-  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
-    const int64_t blk = off / block;  // chunks start on block boundaries
-    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
-                     const std::vector<float>& thresholds) {
-      return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
-                    map.data_ptr<float>(), thresholds.data()};
-    };
-    fns[i](static_cast<char*>(params[i].data_ptr()) + off * params[i].element_size(),
-           static_cast<const char*>(grads[i].data_ptr()) + off * grads[i].element_size(),
-           state(exp_avg_codes[i], exp_avg_scales[i], exp_avg_map, m_thresholds),
-           state(exp_avg_sq_codes[i], exp_avg_sq_scales[i], exp_avg_sq_map, v_thresholds), len, consts[i]);
-  });
-}
-
-// ---- the SPAM family (ALGORITHMS.md §3, §4; fastopt/ops/spam.py) -------------------------------------------------
+// ---- the steps over float or quantized moments (the quantized Adam step, the SPAM family) -----------------------
 // Moments are float tensors (bits 0) or block-quantized codes + scales (bits 4 or 8, with the two maps).
-struct SpamArgs {
+struct MomentArgs {
   const char* op;
   at::TensorList params, grads, m, v, m_scales, v_scales;
   const std::optional<at::Tensor>& m_map;
@@ -258,7 +206,7 @@ float& scalar_ref(const at::Tensor& t, const char* op, const char* what, int64_t
 }
 
 // Checks every tensor before anything changes; returns the element counts.
-std::vector<int64_t> check_spam(const SpamArgs& a, std::initializer_list<std::pair<at::TensorList, const char*>> scalars) {
+std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<std::pair<at::TensorList, const char*>> scalars) {
   const int64_t n = int64_t(a.params.size());
   TORCH_CHECK(a.bits == 0 || a.bits == 4 || a.bits == 8, a.op, ": bits must be 0 (float moments), 4 or 8, got ", a.bits);
   bool same = int64_t(a.grads.size()) == n && int64_t(a.m.size()) == n && int64_t(a.v.size()) == n;
@@ -293,8 +241,8 @@ std::vector<int64_t> check_spam(const SpamArgs& a, std::initializer_list<std::pa
   return sizes;
 }
 
-// The fused pass: per tensor, its AdamConsts (with the SPAM-family fields) over every chunk.
-void spam_update(const SpamArgs& a, Tame tame, const std::vector<int64_t>& sizes,
+// The fused pass: per tensor, its AdamConsts over every chunk, taming the gradient as `tame` says.
+void fused_update(const MomentArgs& a, Tame tame, const std::vector<int64_t>& sizes,
                  const std::vector<AdamConsts>& consts) {
   const Isa isa = current_isa();
   if (a.bits == 0) {
@@ -324,6 +272,23 @@ void spam_update(const SpamArgs& a, Tame tame, const std::vector<int64_t>& sizes
   });
 }
 
+void adam_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
+                         at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_codes,
+                         at::TensorList exp_avg_sq_scales, at::TensorList steps, const at::Tensor& exp_avg_map,
+                         const at::Tensor& exp_avg_sq_map, int64_t bits, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, bool decoupled, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         bool independent_decay) {
+  bits_of(bits);
+  const std::optional<at::Tensor> m_map = exp_avg_map, v_map = exp_avg_sq_map;
+  const MomentArgs a{"fastopt.adam_step_quantized", params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
+                     exp_avg_sq_scales, m_map, v_map, bits};
+  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
+  if (skip_step(found_inf)) return;
+  fused_update(a, Tame::none, sizes,
+               step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
+}
+
 void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList steps,
                       at::TensorList stats_steps, at::TensorList m_norms, at::TensorList v_norms,
@@ -332,9 +297,9 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
                       double beta2, double eps, double weight_decay, double gamma1, double gamma2, double gamma3,
                       double scale, bool reset, bool official, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf) {
-  const SpamArgs a{"fastopt.stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+  const MomentArgs a{"fastopt.stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
                    exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits};
-  const std::vector<int64_t> sizes = check_spam(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
+  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
                                                     {m_norms, "m_norms"}, {v_norms, "v_norms"}, {m_maxes, "m_maxes"}});
   if (skip_step(found_inf)) return;
   const double grad_mul = grad_multiplier(grad_scale), theta = gamma3, g1 = gamma1 * scale, b1 = beta1 * scale;
@@ -409,7 +374,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
     k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
   }
-  spam_update(a, Tame::clip_normalize, sizes, consts);
+  fused_update(a, Tame::clip_normalize, sizes, consts);
 }
 
 void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -418,9 +383,9 @@ void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                int64_t bits, double lr, double beta1, double beta2, double eps, double weight_decay, double threshold,
                double scale, bool reset, bool clip, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
-  const SpamArgs a{"fastopt.spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+  const MomentArgs a{"fastopt.spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
                    exp_avg_map, exp_avg_sq_map, bits};
-  const std::vector<int64_t> sizes = check_spam(a, {{steps, "steps"}});
+  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
   std::vector<AdamConsts> consts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -439,7 +404,7 @@ void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     k.post_decay = float(1.0 - lr * weight_decay);
     k.keep_old = !reset;
   }
-  spam_update(a, Tame::spike, sizes, consts);
+  fused_update(a, Tame::spike, sizes, consts);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {

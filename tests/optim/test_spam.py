@@ -183,7 +183,7 @@ def test_schedule_leaving_its_range_raises_before_any_update():
     assert all(torch.equal(v, before[k]) for k, v in opt.state[p].items())
 
 
-BACKENDS = ["cpu"]
+BACKENDS = ["cpu", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

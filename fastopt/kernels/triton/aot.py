@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastopt.kernels.triton import adam, adam_quantized, quant  # noqa: E402
+from fastopt.kernels.triton import adam, adam_quantized, quant, spam  # noqa: E402
 
 
 @dataclass
@@ -81,6 +81,60 @@ def quant_variants():
                    "all on" if on else "all off", signature, constexprs)
 
 
+# The update kernel's modes: Stable-SPAM (no reset, corrected reset, official reset) and SPAM (clipping, reset).
+SPAM_MODES = {
+    "stable": dict(STABLE=True, CLIP=False, ZERO_OLD=False, STORE_ZEROS=False),
+    "stable corr. reset": dict(STABLE=True, CLIP=False, ZERO_OLD=True, STORE_ZEROS=False),
+    "stable off. reset": dict(STABLE=True, CLIP=False, ZERO_OLD=False, STORE_ZEROS=True),
+    "spam clip": dict(STABLE=False, CLIP=True, ZERO_OLD=False, STORE_ZEROS=False),
+    "spam reset": dict(STABLE=False, CLIP=False, ZERO_OLD=True, STORE_ZEROS=False),
+}
+
+
+def spam_variants():
+    """Stable-SPAM's reductions, and the update of both algorithms: every mode with fp32 params and moments and
+    4-bit moments; the common modes with the other dtype pairs and 8-bit moments (LR_IS_TENSOR, grad_scale and
+    found_inf on)."""
+    for dtype, clipped in itertools.product(("fp32", "bf16", "fp16"), (False, True)):
+        constexprs = {"HAS_GRAD_SCALE": True, "CLIPPED": clipped, "BLOCK": spam.PARTIAL_BLOCK}
+        signature = {"g_ptr": f"*{dtype}", "grad_scale_ptr": "*fp32", "maxes_ptr": "*fp32", "sums_ptr": "*fp32",
+                     "work_ptr": "*fp32", "n": "i64", **{k: "constexpr" for k in constexprs}}
+        yield "spam_partials", spam.partials_kernel, dtype, "clipped" if clipped else "-", signature, constexprs
+    stats = [("adaclip_stats", spam.adaclip_kernel, ["maxes_ptr", "u_ptr", "m_max_ptr"],
+              ["theta", "one_minus_theta", "log_theta"], {}),
+             ("adagn_stats", spam.adagn_kernel, ["sums_ptr", "u_ptr", "step_ptr", "m_norm_ptr", "v_norm_ptr"],
+              ["gamma1", "one_minus_gamma1", "log_gamma1", "gamma2", "one_minus_gamma2", "log_gamma2", "eps"],
+              {"RESET": True})]
+    for name, fn, pointers, floats, flags in stats:  # signatures in the kernels' argument order
+        constexprs = {**flags, "HAS_FOUND_INF": True, "R": spam.STATS_BLOCK}
+        signature = {**{k: "*fp32" for k in pointers + ["work_ptr", "found_inf_ptr"]}, "num_blocks": "i64",
+                     **{k: "fp32" for k in floats}, **{k: "constexpr" for k in constexprs}}
+        yield name, fn, "fp32", "reset" if flags else "-", signature, constexprs
+
+    common_modes = ["stable", "stable off. reset", "spam clip"]
+    scalars = {"step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+               "work_ptr": "*fp32", "n": "i64", **{k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2",
+                                                                      "eps", "weight_decay", "threshold", "scale"]}}
+    flags = {"LR_IS_TENSOR": True, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True}
+    plain = [("fp32", "fp32", mode) for mode in SPAM_MODES] + [
+        (param, state, mode) for (param, state) in [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")]
+        for mode in common_modes]
+    for param, state, mode in plain:
+        constexprs = {**SPAM_MODES[mode], **flags, "BLOCK": adam.BLOCK}
+        signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
+                     **scalars, **{k: "constexpr" for k in constexprs}}
+        yield "spam_update", spam.spam_kernel, f"{param}/{state}", mode, signature, constexprs
+    quantized = [("fp32", 4, mode) for mode in SPAM_MODES] + [
+        (param, bits, mode) for (param, bits) in [("bf16", 4), ("fp32", 8), ("bf16", 8)] for mode in common_modes]
+    for param, bits, mode in quantized:
+        constexprs = {**SPAM_MODES[mode], **flags, "BITS": bits, "QBLOCK": 128 if bits == 4 else 256,
+                      "NB": quant.blocks_per_program(bits)}
+        signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32", "vc_ptr": "*u8",
+                     "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32", **scalars,
+                     **{k: "constexpr" for k in constexprs}}
+        yield "spam_update_quantized", spam.spam_quantized_kernel, f"{param}/{bits}-bit", mode, signature, constexprs
+
+
 def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Variant:
     # Pointers and sizes are 16-byte divisible, as torch's allocations are: this is what allows 128-bit access.
     hinted = [i for i, (k, t) in enumerate(signature.items()) if t.startswith("*") or k == "n"]
@@ -98,7 +152,8 @@ def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Var
 
 
 def compile_all(archs=(80, 90)) -> list[Variant]:
-    return [compile_variant(*v, arch) for arch in archs for v in itertools.chain(adam_variants(), quant_variants())]
+    variants = list(itertools.chain(adam_variants(), quant_variants(), spam_variants()))
+    return [compile_variant(*v, arch) for arch in archs for v in variants]
 
 
 def main(argv=None) -> int:
@@ -110,9 +165,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:
-        print(f"{'kernel':14} {'sm':>3} {'dtypes':12} {'flags':8} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
+        print(f"{'kernel':21} {'sm':>3} {'dtypes':12} {'flags':18} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
         for r in results:
-            print(f"{r.kernel:14} {r.arch:>3} {r.dtypes:12} {r.flags:8} {'yes' if r.ok else 'NO':3} "
+            print(f"{r.kernel:21} {r.arch:>3} {r.dtypes:12} {r.flags:18} {'yes' if r.ok else 'NO':3} "
                   f"{r.v4_loads:>5} {r.v4_stores:>5} {r.spills:>6}  {r.error}")
     return 0 if all(r.ok for r in results) else 1
 
