@@ -241,9 +241,22 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   return sizes;
 }
 
+// The encoders' thresholds of both moments (code_thresholds), computed once per op call.
+struct Thresholds {
+  std::vector<float> m, v;
+  explicit Thresholds(const MomentArgs& a) {
+    if (!a.bits) return;
+    m.resize(thresholds_size(int(a.bits)));
+    v.resize(thresholds_size(int(a.bits)));
+    code_thresholds(a.m_map->data_ptr<float>(), int(a.bits), m.data());
+    code_thresholds(a.v_map->data_ptr<float>(), int(a.bits), v.data());
+  }
+};
+
 // The fused pass: per tensor, its AdamConsts over every chunk, taming the gradient as `tame` says.
-void fused_update(const MomentArgs& a, Tame tame, const std::vector<int64_t>& sizes,
-                 const std::vector<AdamConsts>& consts) {
+// Tensors of size 0 in `sizes` are skipped.
+void fused_update(const MomentArgs& a, const Thresholds& thresholds, Tame tame, const std::vector<int64_t>& sizes,
+                  const std::vector<AdamConsts>& consts) {
   const Isa isa = current_isa();
   if (a.bits == 0) {
     for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
@@ -254,20 +267,17 @@ void fused_update(const MomentArgs& a, Tame tame, const std::vector<int64_t>& si
     return;
   }
   const int bits = int(a.bits), block = block_size(bits);
-  std::vector<float> m_thresholds(thresholds_size(bits)), v_thresholds(thresholds_size(bits));
-  code_thresholds(a.m_map->data_ptr<float>(), bits, m_thresholds.data());
-  code_thresholds(a.v_map->data_ptr<float>(), bits, v_thresholds.data());
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
     const int64_t blk = off / block;  // chunks start on block boundaries
     auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
-                     const std::vector<float>& thresholds) {
+                     const std::vector<float>& t) {
       return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
-                    map.data_ptr<float>(), thresholds.data()};
+                    map.data_ptr<float>(), t.data()};
     };
     adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
         static_cast<char*>(a.params[i].data_ptr()) + off * a.params[i].element_size(),
         static_cast<const char*>(a.grads[i].data_ptr()) + off * a.grads[i].element_size(),
-        state(a.m[i], a.m_scales[i], *a.m_map, m_thresholds), state(a.v[i], a.v_scales[i], *a.v_map, v_thresholds),
+        state(a.m[i], a.m_scales[i], *a.m_map, thresholds.m), state(a.v[i], a.v_scales[i], *a.v_map, thresholds.v),
         len, consts[i]);
   });
 }
@@ -285,7 +295,7 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
                      exp_avg_sq_scales, m_map, v_map, bits};
   const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
-  fused_update(a, Tame::none, sizes,
+  fused_update(a, Thresholds(a), Tame::none, sizes,
                step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
 }
 
@@ -305,76 +315,90 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
   const double grad_mul = grad_multiplier(grad_scale), theta = gamma3, g1 = gamma1 * scale, b1 = beta1 * scale;
   const int64_t n = int64_t(params.size());
   const Isa isa = current_isa();
-
-  // Pass 1 over the gradients: max|g| and sum g² per chunk.
-  const std::vector<Chunk> chunks = split(sizes);
-  std::vector<float> chunk_max(chunks.size());
-  std::vector<double> chunk_sum(chunks.size());
-  std::vector<int64_t> all(chunks.size());
-  for (size_t c = 0; c < chunks.size(); ++c) all[c] = int64_t(c);
-  auto reduce = [&](int64_t c, float thr, float mul) {
-    const Chunk& k = chunks[c];
-    const at::Tensor& g = grads[k.tensor];
-    grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
-                                                  k.end - k.begin, float(grad_mul), thr, mul, &chunk_max[c],
-                                                  &chunk_sum[c]);
-  };
-  for_chunks(all, [&](int64_t c) { reduce(c, INFINITY, 1.0f); });
-
-  // AdaClip per tensor (host math in double, statistics stored as float32 like the reference).
+  const Thresholds thresholds(a);
   std::vector<AdamConsts> consts(n);
-  std::vector<float> tensor_max(n, 0.0f);
-  for (size_t c = 0; c < chunks.size(); ++c)  // max that keeps a NaN
-    tensor_max[chunks[c].tensor] = f32_to_bits(chunk_max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
-                                       ? chunk_max[c] : tensor_max[chunks[c].tensor];
-  std::vector<double> u(n);
-  for (int64_t i = 0; i < n; ++i) {
-    float& t = *steps[i].data_ptr<float>();
-    float& stats_t = *stats_steps[i].data_ptr<float>();
-    t += 1.0f;
-    stats_t += 1.0f;
-    u[i] = official ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
-    float& m_max = *m_maxes[i].data_ptr<float>();
-    const double M = tensor_max[i];
-    m_max = float(theta * m_max + (1.0 - theta) * M);
-    const float thr = float(m_max / (1.0 - std::pow(theta, u[i])));
-    consts[i].clip_thr = thr;
-    consts[i].clip_mul = M > 0.0 ? float(thr / M) : 1.0f;
-  }
-  // Pass 2, only over chunks holding clipped entries: their sum of squares after AdaClip.
-  std::vector<int64_t> clipped;
-  for (size_t c = 0; c < chunks.size(); ++c)
-    if (!(chunk_max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
-  for_chunks(clipped, [&](int64_t c) {
-    reduce(c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
-  });
-  std::vector<double> sumsq(n, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += chunk_sum[c];
 
-  // AdaGN and the Adam constants per tensor.
-  for (int64_t i = 0; i < n; ++i) {
-    const double norm = std::sqrt(sumsq[i]);
-    float& m_norm = *m_norms[i].data_ptr<float>();
-    float& v_norm = *v_norms[i].data_ptr<float>();
-    m_norm = float(g1 * m_norm + (1.0 - g1) * norm);
-    v_norm = float(gamma2 * v_norm + (1.0 - gamma2) * norm * norm);
-    const double c = (m_norm / (1.0 - std::pow(g1, u[i]))) / (std::sqrt(v_norm / (1.0 - std::pow(gamma2, u[i]))) + eps);
-    float& t = *steps[i].data_ptr<float>();
-    if (reset) t = 1.0f;
-    const double bc1 = 1.0 - std::pow(b1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-    AdamConsts& k = consts[i];
-    k.grad_mul = float(grad_mul);
-    k.l2 = 0.0f;
-    k.decay = float(1.0 - lr * weight_decay);
-    k.beta1 = float(b1), k.one_minus_beta1 = float(1.0 - b1), k.beta2 = float(beta2), k.one_minus_beta2 = float(1.0 - beta2);
-    k.step_size = float(lr / bc1);
-    k.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
-    k.eps = float(eps);
-    k.norm_mul = norm > 0.0 ? float(c / norm) : 1.0f;
-    k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
-    k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
+  // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger): the update pass
+  // then re-reads gradients that the reduction pass has just brought into the last-level cache.
+  constexpr int64_t kGroupBytes = int64_t(8) << 20;
+  for (int64_t lo = 0, hi = 0; lo < n; lo = hi) {
+    std::vector<int64_t> group(n, 0);
+    for (int64_t bytes = 0; hi < n && (hi == lo || bytes + sizes[hi] * grads[hi].element_size() <= kGroupBytes); ++hi) {
+      group[hi] = sizes[hi];
+      bytes += sizes[hi] * grads[hi].element_size();
+    }
+
+    // Pass 1 over the gradients: max|g| and sum g² per chunk.
+    const std::vector<Chunk> chunks = split(group);
+    std::vector<float> chunk_max(chunks.size());
+    std::vector<double> chunk_sum(chunks.size());
+    std::vector<int64_t> all(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c) all[c] = int64_t(c);
+    auto reduce = [&](int64_t c, float thr, float mul) {
+      const Chunk& k = chunks[c];
+      const at::Tensor& g = grads[k.tensor];
+      grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
+                                                    k.end - k.begin, float(grad_mul), thr, mul, &chunk_max[c],
+                                                    &chunk_sum[c]);
+    };
+    for_chunks(all, [&](int64_t c) { reduce(c, INFINITY, 1.0f); });
+
+    // AdaClip per tensor (host math in double, statistics stored as float32 like the reference).
+    std::vector<float> tensor_max(n, 0.0f);
+    for (size_t c = 0; c < chunks.size(); ++c)  // max that keeps a NaN
+      tensor_max[chunks[c].tensor] = f32_to_bits(chunk_max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
+                                         ? chunk_max[c] : tensor_max[chunks[c].tensor];
+    std::vector<double> u(n);
+    for (int64_t i = lo; i < hi; ++i) {
+      float& t = *steps[i].data_ptr<float>();
+      float& stats_t = *stats_steps[i].data_ptr<float>();
+      t += 1.0f;
+      stats_t += 1.0f;
+      u[i] = official ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
+      float& m_max = *m_maxes[i].data_ptr<float>();
+      const double M = tensor_max[i];
+      m_max = float(theta * m_max + (1.0 - theta) * M);
+      const float thr = float(m_max / (1.0 - std::pow(theta, u[i])));
+      consts[i].clip_thr = thr;
+      consts[i].clip_mul = M > 0.0 ? float(thr / M) : 1.0f;
+    }
+    // Pass 2, only over chunks holding clipped entries: their sum of squares after AdaClip.
+    std::vector<int64_t> clipped;
+    for (size_t c = 0; c < chunks.size(); ++c)
+      if (!(chunk_max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
+    for_chunks(clipped, [&](int64_t c) {
+      reduce(c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
+    });
+    std::vector<double> sumsq(n, 0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += chunk_sum[c];
+
+    // AdaGN and the Adam constants per tensor.
+    for (int64_t i = lo; i < hi; ++i) {
+      const double norm = std::sqrt(sumsq[i]);
+      float& m_norm = *m_norms[i].data_ptr<float>();
+      float& v_norm = *v_norms[i].data_ptr<float>();
+      m_norm = float(g1 * m_norm + (1.0 - g1) * norm);
+      v_norm = float(gamma2 * v_norm + (1.0 - gamma2) * norm * norm);
+      const double c =
+          (m_norm / (1.0 - std::pow(g1, u[i]))) / (std::sqrt(v_norm / (1.0 - std::pow(gamma2, u[i]))) + eps);
+      float& t = *steps[i].data_ptr<float>();
+      if (reset) t = 1.0f;
+      const double bc1 = 1.0 - std::pow(b1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
+      AdamConsts& k = consts[i];
+      k.grad_mul = float(grad_mul);
+      k.l2 = 0.0f;
+      k.decay = float(1.0 - lr * weight_decay);
+      k.beta1 = float(b1), k.one_minus_beta1 = float(1.0 - b1), k.beta2 = float(beta2),
+      k.one_minus_beta2 = float(1.0 - beta2);
+      k.step_size = float(lr / bc1);
+      k.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+      k.eps = float(eps);
+      k.norm_mul = norm > 0.0 ? float(c / norm) : 1.0f;
+      k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
+      k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
+    }
+    fused_update(a, thresholds, Tame::clip_normalize, group, consts);
   }
-  fused_update(a, Tame::clip_normalize, sizes, consts);
 }
 
 void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -404,7 +428,7 @@ void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     k.post_decay = float(1.0 - lr * weight_decay);
     k.keep_old = !reset;
   }
-  fused_update(a, Tame::spike, sizes, consts);
+  fused_update(a, Thresholds(a), Tame::spike, sizes, consts);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {

@@ -129,3 +129,22 @@ def test_bad_lists_raise_naming_the_argument():
     with pytest.raises(RuntimeError, match="stable_spam_step: grads\\[0\\] has 3 elements, params\\[0\\] has 4"):
         stable_spam_step([torch.zeros(4)], [torch.zeros(3)], [torch.zeros(4)], [torch.zeros(4)],
                          *[[torch.zeros(())] for _ in range(5)], **STABLE, backend="cpu")
+
+
+def test_many_tensors_in_one_call():
+    """Tensors are reduced and updated in groups of about 8 MB of gradient: sizes below, across and above that."""
+    sizes = [1000, 3_000_000, 5, 1_500_000, 700_001, 100]
+    results = []
+    for backend in ("cpu", "reference"):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(n, generator=gen) for n in sizes]
+        state = [[torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes]]
+        counters = [[torch.zeros(()) for _ in sizes] for _ in range(5)]
+        for k in range(3):
+            grads = [torch.randn(n, generator=gen) * (50 if k == 1 and i == 1 else 1) for i, n in enumerate(sizes)]
+            stable_spam_step(params, grads, *state, *counters, **STABLE, backend=backend)
+        results.append((params, counters))
+    for ours, ref in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for ours, ref in zip(results[0][1], results[1][1]):
+        assert [c.item() for c in ours] == pytest.approx([c.item() for c in ref], rel=1e-5)
