@@ -12,16 +12,23 @@ BENCH_DEPS := $(VENV)/.bench-deps-installed
 TEST_PACKAGES  := torch triton numpy ninja pybind11 setuptools build pytest pytest-benchmark tqdm scipy matplotlib \
                   transformers torchao
 BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer
+# Installed without its declared dependencies (bitsandbytes, transformers): tests and bench/galore.py load its modules
+# without the package __init__, which imports bitsandbytes (bench/galore.py: galore_torch()).
+NO_DEPS_TEST_PACKAGES := galore-torch
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: test bench build deps aot wheel clean convergence
+.PHONY: test bench bench-galore build deps aot wheel clean convergence
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) -m bench --readme README.md $(BENCH_ARGS)
+
+# GaLore: refresh (SVD vs randomized) and step time against galore-torch; writes bench/results/galore.{json,md}.
+bench-galore: $(BUILT)
+	$(PY) -m bench.galore --readme README.md $(GALORE_ARGS)
 
 # Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.
 convergence: $(BUILT)
@@ -45,6 +52,7 @@ aot: $(BUILT)
 $(DEPS): constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(TEST_PACKAGES)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt $(NO_DEPS_TEST_PACKAGES)
 	touch $@
 
 # Peers for the benchmark only (make test does not need them).

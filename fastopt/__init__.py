@@ -1,5 +1,6 @@
 """fastopt: drop-in torch.optim optimizers on fused CPU (C++) and GPU (Triton) kernels."""
-from fastopt.optim import SPAM, Adam, AdamW, FusedOptimizer, StableSPAM
+from fastopt import galore
+from fastopt.optim import SPAM, Adam, AdamW, FusedOptimizer, GaLoreAdamW, StableSPAM
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "FusedOptimizer", "SPAM", "StableSPAM", "__version__"]
+__all__ = ["Adam", "AdamW", "FusedOptimizer", "GaLoreAdamW", "SPAM", "StableSPAM", "__version__", "galore"]

@@ -49,6 +49,12 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(hp["betas"]):
             check_range(self._name, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
 
+    def _galore_weight_decay(self, group: dict, hp: dict):
+        """GaLore params: coupled decay enters the gradient before the projection; independent decay is wd itself."""
+        if not group["decoupled_weight_decay"]:
+            return "l2", hp["weight_decay"]
+        return "before", hp["weight_decay"] if group["independent_weight_decay"] else hp["lr"] * hp["weight_decay"]
+
     def _moment_names(self, group: dict) -> list[tuple[str, bool]]:
         return [("exp_avg", True), ("exp_avg_sq", False)] + ([("max_exp_avg_sq", False)] if group["amsgrad"] else [])
 

@@ -143,6 +143,10 @@ class SPAM(_SpamBase):
         for name in ("warmup_steps", "DeltaT", "grad_accu_steps"):
             check_count(self._name, name, hp[name], 0)
 
+    def _galore_weight_decay(self, group: dict, hp: dict):
+        """GaLore params decay after the update, as SPAM's own step does."""
+        return "after", hp["lr"] * hp["weight_decay"]
+
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         threshold = as_float(hp["threshold"])
         T = self._step_count  # SPAM's counter is incremented after the step: 0 on the first step
