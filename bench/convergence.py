@@ -53,6 +53,17 @@ class Entry(NamedTuple):
 ADAMW = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 ADAM = dict(ADAMW, weight_decay=0.0)  # coupled L2 decay of 0.1 would be another regularizer, not a comparison
 
+
+def galore_groups(rank: int = 64, update_proj_gap: int = 100):
+    """GaLore as its authors run it: the linear layers' weights in a group with a rank (here a quarter of the width),
+    embeddings, norms and biases in a plain group."""
+    def groups(model: nn.Module) -> list:
+        matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+        others = [p for p in model.parameters() if all(p is not q for q in matrices)]
+        return [{"params": matrices, "rank": rank, "update_proj_gap": update_proj_gap, "scale": 0.25},
+                {"params": others}]
+    return groups
+
 # A future optimizer is one line: Entry("fastopt.StableSPAM", ADAMW), Entry("torchao.optim.AdamW4bit", ADAMW), ...
 # Entries whose import fails are skipped with a note. The first entry is the baseline the others are compared with.
 OPTIMIZERS = [
@@ -61,8 +72,13 @@ OPTIMIZERS = [
     Entry("fastopt.Adam", ADAM, default=False),
     Entry("fastopt.AdamW", dict(ADAMW, state_bits=8), label="fastopt.AdamW 8-bit states"),
     Entry("fastopt.AdamW", dict(ADAMW, state_bits=4), label="fastopt.AdamW 4-bit states"),
-    # Stable-SPAM with a momentum reset every 100 steps, so that the run crosses two (reference path: unfused).
+    # Stable-SPAM with a momentum reset every 100 steps, so that the run crosses two.
     Entry("fastopt.StableSPAM", dict(ADAMW, update_proj_gap=100)),
+    # GaLore (rank 64 of 256, refresh every 100 steps): as galore-torch, and under Stable-SPAM with 4-bit moments
+    # (there update_proj_gap is both the refresh and the momentum-reset interval).
+    Entry("fastopt.GaLoreAdamW", ADAMW, groups=galore_groups()),
+    Entry("fastopt.StableSPAM", dict(ADAMW, state_bits=4), groups=galore_groups(),
+          label="fastopt.StableSPAM + GaLore, 4-bit states"),
     # A control for "how far does rounding alone move a run": torch's own fused kernel rounds differently from its
     # default path, and leaves its curve about when fastopt.AdamW does. Off by default to keep the run short.
     Entry("torch.optim.AdamW", dict(ADAMW, fused=True), label="torch.optim.AdamW:fused", default=False),
