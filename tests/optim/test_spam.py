@@ -275,3 +275,25 @@ def test_mixed_dtypes_in_one_optimizer():
             opt.step()
     for p, q in zip(together, alone):
         assert p.dtype == q.dtype and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls,after", [(SPAM, True), (StableSPAM, False)])
+def test_galore_weight_decay_where_each_optimizer_applies_it(cls, after):
+    """On a GaLore param the decay sits where the optimizer's own step puts it: SPAM after the update
+    (p ← (p + Δ)(1 − lr·wd)), Stable-SPAM before it (p ← p(1 − lr·wd) + Δ), Δ being the update without decay."""
+    lr, wd = 0.1, 0.5
+    torch.manual_seed(0)
+    start, grad = torch.randn(8, 6), torch.randn(8, 6)
+
+    def one_step(weight_decay):
+        p = torch.nn.Parameter(start.clone())
+        opt = cls([{"params": [p], "rank": 3}], lr=lr, weight_decay=weight_decay)
+        p.grad = grad.clone()
+        opt.step()
+        return p.detach()
+
+    plain, decayed = one_step(0.0), one_step(wd)
+    delta = plain - start
+    assert delta.abs().max() > 1e-3  # the step moved the param
+    want = (start + delta) * (1 - lr * wd) if after else start * (1 - lr * wd) + delta
+    torch.testing.assert_close(decayed, want, rtol=1e-5, atol=1e-6)
