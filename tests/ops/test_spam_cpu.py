@@ -1,80 +1,17 @@
-"""The C++ Stable-SPAM and SPAM steps against the reference, on every ISA this CPU runs: sizes that break blocking
-and the 65536-element chunking, fp32 and bf16 params, moments in fp32, bf16, 8-bit and 4-bit, both Stable-SPAM
-modes, a cosine factor s < 1, weight decay, GradScaler's grad_scale, gradients with spikes (x50) and an all-zero
-gradient, over three momentum resets."""
+"""The C++ Stable-SPAM and SPAM steps against the reference, on every ISA this CPU runs: the trajectories of
+tests/ops/spam_trajectories.py (resets, spikes, an all-zero gradient, GradScaler, a skipped step) on sizes that break
+blocking and the 65536-element chunking, fp32/bf16/fp16 params, moments in fp32, bf16, 8-bit and 4-bit, both
+Stable-SPAM modes; then what only the C++ path does (chunked reductions, groups of tensors, argument checks)."""
 import pytest
 import torch
 
-from fastopt.ops.spam import spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
-from fastopt.quant import formats as quant
+from fastopt.ops.spam import spam_step, stable_spam_step
 from tests.conftest import ODD_SIZES, cpu_isas
-
-STEPS = 10
-SPIKE_STEPS = {2, 5, 9}
-ZERO_STEP = 6
-STABLE = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, gamma1=0.7, gamma2=0.9, gamma3=0.999)
-SPAM = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, threshold=5.0)
-
-
-def moments(n, storage):
-    if storage in (4, 8):
-        return quant.zeros(n, quant.FORMATS[(storage, True)], "cpu"), quant.zeros(n, quant.FORMATS[(storage, False)], "cpu")
-    return torch.zeros(n, dtype=storage), torch.zeros(n, dtype=storage)
-
-
-def values(moment, n):
-    return moment.dequantize(n) if isinstance(moment, quant.Quantized) else moment.float()
-
-
-def gradient(k, n, dtype):
-    g = torch.Generator().manual_seed(1000 + k)
-    grad = torch.randn(n, generator=g)
-    if k in SPIKE_STEPS:
-        grad[torch.randint(n, (max(1, n // 1000),), generator=g)] *= 50
-    if k == ZERO_STEP:
-        grad.zero_()
-    return (grad * 64).to(dtype)  # scaled, as GradScaler hands them over
-
-
-def trajectory(algo, backend, n, dtype, storage, compat=None):
-    param = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(dtype)
-    m, v = moments(n, storage)
-    counters = [torch.zeros(()) for _ in range(5 if algo == "stable" else 1)]
-    grad_scale = torch.tensor(64.0)
-    for k in range(1, STEPS + 1):
-        grad = gradient(k, n, dtype)
-        if algo == "stable":
-            s, reset = stable_spam_schedule(k, total_T=8, eta_min=0.5, update_proj_gap=3)
-            stable_spam_step([param], [grad], [m], [v], *[[c] for c in counters], **STABLE, scale=s, reset=reset,
-                             compat=compat, grad_scale=grad_scale, backend=backend)
-        else:
-            s, reset, clip = spam_schedule(k - 1, warmup_steps=4, delta_t=4, grad_accu_steps=2, threshold=5.0)
-            spam_step([param], [grad], [m], [v], counters, **SPAM, scale=s, reset=reset, clip=clip,
-                      grad_scale=grad_scale, backend=backend)
-    return param.float(), values(m, n), values(v, n), [c.item() for c in counters]
-
+from tests.ops.spam_trajectories import SPAM, STABLE, check_close, moments, trajectory
 
 CASES = [(n, torch.float32, torch.float32) for n in ODD_SIZES] + [
     (4097, torch.bfloat16, torch.bfloat16), (4097, torch.float32, torch.bfloat16), (129, torch.float16, torch.float32),
     (4097, torch.float32, 8), (70_001, torch.bfloat16, 8), (4097, torch.float32, 4), (70_001, torch.float32, 4)]
-
-
-def check_close(ours, ref, dtype, storage):
-    (p, m, v, counters), (p_ref, m_ref, v_ref, counters_ref) = ours, ref
-    assert counters[:2] == counters_ref[:2]  # t and u exactly; the statistics to rounding
-    assert counters[2:] == pytest.approx(counters_ref[2:], rel=1e-5)
-    assert not torch.equal(p, torch.randn(p.numel(), generator=torch.Generator().manual_seed(7)).to(dtype).float())
-    if storage in (4, 8):  # a code may flip near a rounding boundary: compare to the formats' resolution
-        tol = dict(atol=0.2 * m_ref.abs().max().item(), rtol=0) if storage == 4 else dict(atol=0.02 * m_ref.abs().max().item(), rtol=0)
-        torch.testing.assert_close(m, m_ref, **tol)
-        torch.testing.assert_close(p, p_ref, atol=2e-2 if storage == 4 else 5e-3,
-                                   rtol=0 if dtype == torch.float32 else 2e-2)  # a bf16 param: its ulp
-        return
-    exact = dtype == torch.float32 and storage == torch.float32
-    tol = dict(rtol=1e-5, atol=1e-6) if exact else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(p, p_ref, **tol)
-    torch.testing.assert_close(m, m_ref, **(tol if exact else dict(rtol=2e-2, atol=1e-3)))
-    torch.testing.assert_close(v, v_ref, **(tol if exact else dict(rtol=2e-2, atol=1e-3)))
 
 
 @pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
