@@ -27,10 +27,10 @@ def adam_step(
     steps: list[torch.Tensor],
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
     decoupled: bool,
     maximize: bool = False,
     independent_decay: bool = False,
@@ -42,10 +42,14 @@ def adam_step(
     share a dtype (fp32/bf16/fp16); the states share theirs; math is fp32 (float64 tensors: float64).
     A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
     tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
-    only what is stored is quantized. ``backend`` None picks the fastest implementation for the device."""
+    only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
+    ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device; the
+    reference and C++ paths (host code) read their values."""
     if not params:
         return
     backend = resolve(backend, params[0].device)
+    if backend != "triton":
+        beta1, beta2, eps, weight_decay = (float(x) for x in (beta1, beta2, eps, weight_decay))
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
               maximize=maximize, independent_decay=independent_decay, grad_scale=grad_scale, found_inf=found_inf)
     quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]

@@ -68,8 +68,8 @@ class Adam(FusedOptimizer):
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             adam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
                       moments("max_exp_avg_sq", False) if group["amsgrad"] else [],
-                      [s["step"] for s in states], lr=lr, beta1=as_float(beta1), beta2=as_float(beta2),
-                      eps=as_float(hp["eps"]), weight_decay=as_float(hp["weight_decay"]),
+                      [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=hp["eps"],
+                      weight_decay=hp["weight_decay"],
                       decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
                       independent_decay=group["independent_weight_decay"],
                       grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
@@ -94,5 +94,5 @@ class AdamW(Adam):
 
 
 def as_float(value) -> float:
-    """Betas, eps and weight decay reach kernels as plain numbers (a 0-d tensor is read once per step)."""
+    """A hyperparameter as a plain number for host-side math (a 0-d tensor is read: on a GPU, a sync)."""
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -145,6 +145,37 @@ def test_lr_as_tensor_and_non_contiguous(backend):
     torch.testing.assert_close(got[2][0], want[2][0])
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(beta1 = 0), numpy
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_tensor_hyperparameters(backend, bits, monkeypatch):
+    """Betas, eps and weight decay as 0-d tensors give the numbers' result (Triton reads them on the device; with
+    beta1 = 0 too, the log of 0 in the kernel); the Triton path never reads a tensor back to the host."""
+    from fastopt.quant import formats as quant
+
+    def state(n):
+        if bits is None:
+            return [torch.zeros(n)], [torch.zeros(n)]
+        return [quant.zeros(n, quant.FORMATS[(bits, True)], "cpu")], [quant.zeros(n, quant.FORMATS[(bits, False)], "cpu")]
+
+    for beta1 in (0.9, 0.0):
+        p, g = torch.randn(4097), torch.randn(4097)
+        numbers = dict(beta1=beta1, beta2=0.99, eps=1e-6, weight_decay=0.1)
+        want = [p.clone()], [g], *state(4097), [], [torch.tensor(2.0)]
+        got = [p.clone()], [g], *state(4097), [], [torch.tensor(2.0)]
+        adam_step(*want, lr=0.01, decoupled=True, backend=backend, **numbers)
+        if backend == "triton":
+            def no_reads(self, *args):
+                raise AssertionError("the Triton path read a tensor on the host")
+            monkeypatch.setattr(torch.Tensor, "item", no_reads)
+            monkeypatch.setattr(torch.Tensor, "__float__", no_reads)
+        adam_step(*got, lr=torch.tensor(0.01), decoupled=True, backend=backend,
+                  **{k: torch.tensor(v) for k, v in numbers.items()})
+        monkeypatch.undo()
+        assert got[5][0].item() == 3.0
+        torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-6, atol=1e-7)
+
+
 def test_zero_beta_and_first_step():
     """beta1 = 0 (log of 0 in the Triton kernel) and the first step's bias correction."""
     for backend in ("cpu", "triton"):

@@ -259,6 +259,28 @@ def test_step_does_not_read_tensor_hyperparameters(case, monkeypatch):
     train(net, opt, batches(2))
 
 
+def test_triton_step_never_reads_tensor_hyperparameters(monkeypatch):
+    """AdamW on the Triton backend with lr, betas, eps and weight decay as 0-d tensors: nothing is read back to the
+    host during step() (on a GPU, each read would wait for the device)."""
+    net = model()
+    t = torch.tensor
+    opt = fastopt.AdamW(net.parameters(), lr=t(1e-2), betas=(t(0.9), t(0.99)), eps=t(1e-8), weight_decay=t(0.1),
+                        backend="triton")
+    start = flat(net)
+
+    def no_reads(self, *args):
+        raise AssertionError("step() read a tensor on the host")
+
+    for x, y in batches(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        monkeypatch.setattr(torch.Tensor, "item", no_reads)
+        monkeypatch.setattr(torch.Tensor, "__float__", no_reads)
+        opt.step()
+        monkeypatch.undo()
+    assert (flat(net) - start).norm() > 0
+
+
 def test_backend_argument_is_checked():
     p = [torch.nn.Parameter(torch.randn(3))]
     with pytest.raises(ValueError, match=r"backend must be None or one of \('reference', 'cpu', 'triton'\), got 'gpu'"):

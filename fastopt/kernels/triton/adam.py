@@ -1,7 +1,8 @@
 """Triton Adam/AdamW step: the kernel and its launcher (math: fastopt/ops/adam.py, ALGORITHMS.md §1).
 
 Hyperparameters are runtime arguments (Triton does not specialize on float values), so schedules never
-recompile; constexprs only select code. Bias corrections are computed in the kernel from the on-device
+recompile; constexprs only select code. Tensor hyperparameters stay on the device: lr by pointer, and β1, β2, eps
+and weight decay, when any of them is a tensor, from one 4-element device tensor (``device_hyperparameters``). Bias corrections are computed in the kernel from the on-device
 step count, in float64, so nothing is read back to the host. With GradScaler's ``found_inf`` set, steps
 are incremented by 1 − found_inf and the kernel masks out every store: no host synchronization.
 
@@ -38,6 +39,17 @@ def step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1, log_beta2, L
 
 
 @triton.jit
+def adam_hyperparameters(beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR: tl.constexpr):
+    """β1, β2, eps, weight decay and the betas' logs: the launch's numbers, or (HP_IS_TENSOR) read on the device from
+    hp_ptr = [β1, β2, eps, weight decay]."""
+    if HP_IS_TENSOR:
+        beta1, beta2 = tl.load(hp_ptr), tl.load(hp_ptr + 1)
+        eps, weight_decay = tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
+        log_beta1, log_beta2 = tl.log(beta1.to(tl.float64)), tl.log(beta2.to(tl.float64))
+    return beta1, beta2, eps, weight_decay, log_beta1, log_beta2
+
+
+@triton.jit
 def adam_moments(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, weight_decay, grad_sign, grad_scale_ptr,
                  DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """Weight decay and the new moments (fp32): returns (param, exp_avg, exp_avg_sq)."""
@@ -63,11 +75,13 @@ def adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction
 
 
 @triton.jit
-def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
+def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, hp_ptr,
                 n, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_sign,
                 DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr,
                 LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                BLOCK: tl.constexpr):
+                HP_IS_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    beta1, beta2, eps, weight_decay, log_beta1, log_beta2 = adam_hyperparameters(
+        beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -98,10 +112,23 @@ def advance_steps(steps, found_inf):
     return found_inf
 
 
+def device_hyperparameters(device, beta1, beta2, eps, weight_decay):
+    """(hp, numbers): hp = [β1, β2, eps, weight decay] as a float32 device tensor when any of them is a tensor
+    (built on the device: no host read, no blocking copy), else None; numbers: what the launch passes by value."""
+    values = (beta1, beta2, eps, weight_decay)
+    if not any(isinstance(x, torch.Tensor) for x in values):
+        return None, (*values, _log(beta1), _log(beta2))
+    hp = torch.stack([x.to(device=device, dtype=torch.float32, non_blocking=True) if isinstance(x, torch.Tensor)
+                      else torch.full((), x, dtype=torch.float32, device=device) for x in values])
+    return hp, (0.0,) * 6
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
               weight_decay, decoupled, maximize, independent_decay=False, grad_scale=None, found_inf=None) -> None:
     """Launches one kernel per tensor (all on one device, contiguous). See fastopt.ops.adam.adam_step."""
     found_inf = advance_steps(steps, found_inf)
+    hp, (beta1, beta2, eps, weight_decay, log_beta1, log_beta2) = device_hyperparameters(
+        steps[0].device, beta1, beta2, eps, weight_decay)
     lr_is_tensor = isinstance(lr, torch.Tensor)
     amsgrad = len(max_exp_avg_sqs) > 0
     for i, p in enumerate(params):
@@ -110,8 +137,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
         adam_kernel[(triton.cdiv(n, BLOCK),)](
             p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else any_ptr, steps[i],
             lr if lr_is_tensor else any_ptr, any_ptr if grad_scale is None else grad_scale,
-            any_ptr if found_inf is None else found_inf,
-            n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay,
+            any_ptr if found_inf is None else found_inf, any_ptr if hp is None else hp,
+            n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
             -1.0 if maximize else 1.0,
-            DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad, LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad, LR_IS_TENSOR=lr_is_tensor,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -11,16 +11,19 @@ import triton
 import triton.language as tl
 
 from fastopt.kernels.triton._common import store_rounded
-from fastopt.kernels.triton.adam import _log, adam_moments, adam_param, advance_steps, step_scalars
+from fastopt.kernels.triton.adam import (adam_hyperparameters, adam_moments, adam_param, advance_steps,
+                                         device_hyperparameters, step_scalars)
 from fastopt.kernels.triton.quant import NUM_WARPS, blocks_per_program, decode, encode_store
 
 
 @triton.jit
 def adam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_ptr, v_map_ptr, step_ptr, lr_ptr,
-                          grad_scale_ptr, found_inf_ptr, n, lr, beta1, beta2, log_beta1, log_beta2, eps,
+                          grad_scale_ptr, found_inf_ptr, hp_ptr, n, lr, beta1, beta2, log_beta1, log_beta2, eps,
                           weight_decay, grad_sign, DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr,
                           LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                          BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
+                          HP_IS_TENSOR: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
+    beta1, beta2, eps, weight_decay, log_beta1, log_beta2 = adam_hyperparameters(
+        beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
     rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
@@ -44,6 +47,8 @@ def adam_step_quantized(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta
     import torch
 
     found_inf = advance_steps(steps, found_inf)
+    hp, (beta1, beta2, eps, weight_decay, log_beta1, log_beta2) = device_hyperparameters(
+        steps[0].device, beta1, beta2, eps, weight_decay)
     lr_is_tensor = isinstance(lr, torch.Tensor)
     for i, p in enumerate(params):
         m, v = exp_avgs[i], exp_avg_sqs[i]
@@ -52,8 +57,9 @@ def adam_step_quantized(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta
         adam_quantized_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](
             p, grads[i], m.codes, m.scales, v.codes, v.scales, m.fmt.table(p.device), v.fmt.table(p.device),
             steps[i], lr if lr_is_tensor else any_ptr, any_ptr if grad_scale is None else grad_scale,
-            any_ptr if found_inf is None else found_inf, n, 0.0 if lr_is_tensor else float(lr), beta1, beta2,
-            _log(beta1), _log(beta2), eps, weight_decay, -1.0 if maximize else 1.0,
-            DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, LR_IS_TENSOR=lr_is_tensor,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BITS=fmt.bits,
+            any_ptr if found_inf is None else found_inf, any_ptr if hp is None else hp, n,
+            0.0 if lr_is_tensor else float(lr), beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
+            -1.0 if maximize else 1.0, DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay,
+            LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            HP_IS_TENSOR=hp is not None, BITS=fmt.bits,
             QBLOCK=fmt.block, NB=nb, num_warps=NUM_WARPS)

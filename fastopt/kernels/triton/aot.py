@@ -42,11 +42,12 @@ class Variant:
 def adam_variants():
     """(name, fn, signature, constexprs) for every dtype pair and two flag settings (all off / all on)."""
     dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")]
-    flag_names = ["DECOUPLED", "INDEPENDENT_DECAY", "AMSGRAD", "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
+    flag_names = ["DECOUPLED", "INDEPENDENT_DECAY", "AMSGRAD", "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF",
+                  "HP_IS_TENSOR"]
     for (param, state), on in itertools.product(dtype_pairs, [False, True]):
         signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
                      "vmax_ptr": f"*{state}", "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-                     "found_inf_ptr": "*fp32", "n": "i64"}
+                     "found_inf_ptr": "*fp32", "hp_ptr": "*fp32", "n": "i64"}
         signature.update({k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps",
                                               "weight_decay", "grad_sign"]})
         constexprs = {name: on for name in flag_names}
@@ -70,11 +71,11 @@ def quant_variants():
             signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32",
                          "vc_ptr": "*u8", "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32",
                          "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                         "n": "i64"}
+                         "hp_ptr": "*fp32", "n": "i64"}
             signature.update({k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps",
                                                   "weight_decay", "grad_sign"]})
             constexprs = {k: on for k in ["DECOUPLED", "INDEPENDENT_DECAY", "LR_IS_TENSOR", "HAS_GRAD_SCALE",
-                                          "HAS_FOUND_INF"]}
+                                          "HAS_FOUND_INF", "HP_IS_TENSOR"]}
             constexprs.update(tile)
             signature.update({k: "constexpr" for k in constexprs})
             yield ("adam_quantized", adam_quantized.adam_quantized_kernel, f"{param}/{bits}-bit",
