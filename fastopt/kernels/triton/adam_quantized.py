@@ -13,7 +13,7 @@ import triton.language as tl
 from fastopt.kernels.triton._common import store_rounded
 from fastopt.kernels.triton.adam import (adam_hyperparameters, adam_moments, adam_param, advance_steps,
                                          device_hyperparameters, step_scalars)
-from fastopt.kernels.triton.quant import NUM_WARPS, blocks_per_program, decode, encode_store
+from fastopt.kernels.triton.quant import NUM_WARPS, block_tile, blocks_per_program, decode, encode_store
 
 
 @triton.jit
@@ -26,10 +26,7 @@ def adam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_pt
         beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
-    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-    row_mask = rows < tl.cdiv(n, QBLOCK)
-    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    mask = offs < n
+    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
     param, exp_avg, exp_avg_sq = adam_moments(
         tl.load(p_ptr + offs, mask=mask).to(tl.float32), tl.load(g_ptr + offs, mask=mask).to(tl.float32),
         decode(mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK),

@@ -16,6 +16,16 @@ def blocks_per_program(bits: int) -> int:
 
 
 @triton.jit
+def block_tile(n, BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
+    """This program's NB whole quantization blocks: (rows = block indices, row_mask, offs = element offsets [NB,
+    QBLOCK], mask = offs < n). Every kernel over quantized tensors works on this tile, so codes and scales of a block
+    are read and written by one program."""
+    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    return rows, rows < tl.cdiv(n, QBLOCK), offs, offs < n
+
+
+@triton.jit
 def load_codes(codes_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
     """The [NB, QBLOCK] int32 codes of blocks ``rows``; 4-bit codes are unpacked (even element = low nibble)."""
     if BITS == 4:
@@ -64,21 +74,17 @@ def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.con
 @triton.jit
 def quantize_kernel(x_ptr, codes_ptr, scales_ptr, map_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                     NB: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-    row_mask = rows < tl.cdiv(n, QBLOCK)
-    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
 
 
 @triton.jit
 def dequantize_kernel(codes_ptr, scales_ptr, map_ptr, out_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                       NB: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-    row_mask = rows < tl.cdiv(n, QBLOCK)
-    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
     x = decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
-    tl.store(out_ptr + offs, x, mask=offs < n)
+    tl.store(out_ptr + offs, x, mask=mask)
 
 
 def quantize(x: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from fastopt.kernels.triton._common import store_rounded
 from fastopt.kernels.triton.adam import BLOCK, NUM_WARPS, _log, adam_moments, adam_param, advance_steps, step_scalars
-from fastopt.kernels.triton.quant import blocks_per_program, decode, encode_store
+from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
 from fastopt.quant.formats import Quantized
 
 PARTIAL_BLOCK = 4096  # gradient elements per workspace entry
@@ -199,10 +199,7 @@ def spam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_pt
     """spam_kernel on block-quantized moments, over NB whole quantization blocks (as adam_quantized_kernel)."""
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
-    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-    row_mask = rows < tl.cdiv(n, QBLOCK)
-    offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    mask = offs < n
+    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
     if ZERO_OLD:
         exp_avg = tl.zeros([NB, QBLOCK], tl.float32)
         exp_avg_sq = tl.zeros([NB, QBLOCK], tl.float32)
