@@ -15,7 +15,6 @@ import argparse
 import copy
 import hashlib
 import importlib
-import json
 import os
 import platform
 import statistics
@@ -386,11 +385,12 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "convergence.json").write_text(json.dumps(result, indent=1))
+def write(result: dict, out: Path, readme: str | None = None) -> None:
+    """convergence.{json,md,png} in ``out`` (and the table into the README's convergence block)."""
+    from bench.run import publish
+
     command = f"\n\nCommand: `{result['command']}`" if "command" in result else ""
-    (out / "convergence.md").write_text(table(result) + command + "\n")
+    publish(out, "convergence", result, table(result) + command, readme)
     plot(result, out / "convergence.png")
 
 
@@ -419,11 +419,7 @@ def main(argv=None) -> int:
         raise SystemExit("no optimizer to run:\n" + "\n".join(result["skipped"]))
     result["command"] = " ".join(["python -m bench.convergence", *(sys.argv[1:] if argv is None else argv)])
     print(table(result))
-    write(result, Path(args.out))
-    if args.readme:
-        from bench.run import update_readme
-
-        update_readme(Path(args.readme), "convergence", (Path(args.out) / "convergence.md").read_text().strip())
+    write(result, Path(args.out), args.readme)
     print(f"\nwrote {args.out}/convergence.{{json,md,png}} in {result['seconds']:.0f} s", file=sys.stderr)
     return 0
 

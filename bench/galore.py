@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 import fastopt
 from bench.contenders import PRESETS, llama_shapes
-from bench.run import machine, state_bytes, update_readme
+from bench.run import machine, publish, state_bytes
 from fastopt.galore import projector as proj
 
 
@@ -237,13 +236,8 @@ def main(argv=None) -> int:
               "machine": machine(), "command": command}
     text = tables(result) + f"\n\nCommand: `{result['command']}`"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "galore.json").write_text(json.dumps(result, indent=1))
-    (out / "galore.md").write_text(text + "\n")
+    out = publish(Path(args.out), "galore", result, text, args.readme)
     print(f"\nwrote {out}/galore.json and .md", file=sys.stderr)
-    if args.readme:
-        update_readme(Path(args.readme), "galore", text)
     return 0
 
 

@@ -182,20 +182,26 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     only = args.only + [BASELINE] if args.only else None
     result = run(args.preset, args.rounds, args.warmup, only)
-    text = table(result)
+    text = table(result) + f"\n\nCommand: `{result['command']}`"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.preset}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{args.preset}.md").write_text(text + f"\n\nCommand: `{result['command']}`\n")
+    out = publish(Path(args.out), args.preset, result, text, args.readme)
     try:
         plot(result, out / f"{args.preset}.png")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     print(f"\nwrote {out}/{args.preset}.json, .md and .png", file=sys.stderr)
-    if args.readme:
-        update_readme(Path(args.readme), args.preset, text + f"\n\nCommand: `{result['command']}`")
     return 0
+
+
+def publish(out: Path, name: str, result: dict, text: str, readme: str | None) -> Path:
+    """Writes a study's results as out/name.json and out/name.md (``text``) and, given a README, puts ``text``
+    between its <!-- bench:name --> markers. Returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(text + "\n")
+    if readme:
+        update_readme(Path(readme), name, text)
+    return out
 
 
 def update_readme(path: Path, preset: str, text: str) -> None:
