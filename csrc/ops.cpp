@@ -67,8 +67,7 @@ std::vector<Chunk> split(const std::vector<int64_t>& sizes) {
   return chunks;
 }
 
-void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int64_t i,
-                const char* op = "fastopt.adam_step") {
+void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int64_t i, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", what, "[", i, "] must be on the CPU");
   TORCH_CHECK(t.numel() == p.numel(), op, ": ", what, "[", i, "] has ", t.numel(), " elements, params[", i, "] has ",
               p.numel());
@@ -123,49 +122,6 @@ double grad_multiplier(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<double>() : 1.0;
 }
 
-void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               bool independent_decay) {
-  const int64_t n = int64_t(params.size());
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  TORCH_CHECK(int64_t(grads.size()) == n && int64_t(exp_avgs.size()) == n && int64_t(exp_avg_sqs.size()) == n &&
-                  int64_t(steps.size()) == n && (!amsgrad || int64_t(max_exp_avg_sqs.size()) == n),
-              "fastopt.adam_step: all tensor lists must have the same length");
-  std::vector<AdamFn> fns(n);
-  std::vector<int64_t> sizes(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastopt.adam_step: params[", i, "] must be a contiguous CPU tensor");
-    check_same(p, grads[i], "grads", i);
-    check_same(p, exp_avgs[i], "exp_avgs", i);
-    check_same(p, exp_avg_sqs[i], "exp_avg_sqs", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "fastopt.adam_step: grads[", i, "] dtype ",
-                grads[i].scalar_type(), " differs from params[", i, "] dtype ", p.scalar_type());
-    const DType state = dtype_of(exp_avgs[i], "exp_avgs");
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(), "fastopt.adam_step: exp_avg_sqs[", i,
-                "] dtype differs from exp_avgs[", i, "]");
-    if (amsgrad) {
-      check_same(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
-      TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(), "fastopt.adam_step: max_exp_avg_sqs[",
-                  i, "] dtype differs from exp_avgs[", i, "]");
-    }
-    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                "fastopt.adam_step: steps[", i, "] must be a float32 CPU scalar tensor");
-    fns[i] = adam_kernel(current_isa(), dtype_of(p, "params"), state, amsgrad);
-    sizes[i] = p.numel();
-  }
-  if (skip_step(found_inf)) return;
-  const std::vector<AdamConsts> consts =
-      step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay);
-  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
-    auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
-    fns[i](at_(params[i]), at_(grads[i]), at_(exp_avgs[i]), at_(exp_avg_sqs[i]),
-           amsgrad ? at_(max_exp_avg_sqs[i]) : nullptr, len, consts[i]);
-  });
-}
-
 int64_t bits_of(int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "fastopt: bits must be 4 or 8, got ", bits);
   return bits;
@@ -190,13 +146,15 @@ void check_quantized(const at::Tensor& codes, const at::Tensor& scales, int64_t 
 }
 
 // ---- the steps over float or quantized moments (the quantized Adam step, the SPAM family) -----------------------
-// Moments are float tensors (bits 0) or block-quantized codes + scales (bits 4 or 8, with the two maps).
+// Moments are float tensors (bits 0) or block-quantized codes + scales (bits 4 or 8, with the two maps);
+// vmax (amsgrad's running max of v, float moments only) is empty unless amsgrad.
 struct MomentArgs {
   const char* op;
   at::TensorList params, grads, m, v, m_scales, v_scales;
   const std::optional<at::Tensor>& m_map;
   const std::optional<at::Tensor>& v_map;
   int64_t bits;
+  at::TensorList vmax = {};
 };
 
 float& scalar_ref(const at::Tensor& t, const char* op, const char* what, int64_t i) {
@@ -212,6 +170,7 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   bool same = int64_t(a.grads.size()) == n && int64_t(a.m.size()) == n && int64_t(a.v.size()) == n;
   if (a.bits) same = same && int64_t(a.m_scales.size()) == n && int64_t(a.v_scales.size()) == n;
   for (const auto& [list, what] : scalars) same = same && int64_t(list.size()) == n;
+  if (!a.vmax.empty()) same = same && a.bits == 0 && int64_t(a.vmax.size()) == n;
   TORCH_CHECK(same, a.op, ": all tensor lists must have the same length");
   if (a.bits) {
     TORCH_CHECK(a.m_map.has_value() && a.v_map.has_value(), a.op, ": quantized moments need exp_avg_map and exp_avg_sq_map");
@@ -234,6 +193,11 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
       dtype_of(a.m[i], "exp_avgs");
       TORCH_CHECK(a.v[i].scalar_type() == a.m[i].scalar_type(), a.op, ": exp_avg_sqs[", i,
                   "] dtype differs from exp_avgs[", i, "]");
+      if (!a.vmax.empty()) {
+        check_same(p, a.vmax[i], "max_exp_avg_sqs", i, a.op);
+        TORCH_CHECK(a.vmax[i].scalar_type() == a.m[i].scalar_type(), a.op, ": max_exp_avg_sqs[", i,
+                    "] dtype differs from exp_avgs[", i, "]");
+      }
     }
     for (const auto& [list, what] : scalars) scalar_ref(list[i], a.op, what, i);
     sizes[i] = p.numel();
@@ -259,10 +223,12 @@ void fused_update(const MomentArgs& a, const Thresholds& thresholds, Tame tame, 
                   const std::vector<AdamConsts>& consts) {
   const Isa isa = current_isa();
   if (a.bits == 0) {
+    const bool amsgrad = !a.vmax.empty();
     for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
       auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
-      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), false, tame)(
-          at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), nullptr, len, consts[i]);
+      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), amsgrad, tame)(
+          at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), amsgrad ? at_(a.vmax[i]) : nullptr, len,
+          consts[i]);
     });
     return;
   }
@@ -280,6 +246,20 @@ void fused_update(const MomentArgs& a, const Thresholds& thresholds, Tame tame, 
         state(a.m[i], a.m_scales[i], *a.m_map, thresholds.m), state(a.v[i], a.v_scales[i], *a.v_map, thresholds.v),
         len, consts[i]);
   });
+}
+
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled, bool maximize,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               bool independent_decay) {
+  const std::optional<at::Tensor> no_map;
+  const MomentArgs a{"fastopt.adam_step", params, grads, exp_avgs, exp_avg_sqs, {}, {}, no_map, no_map, 0,
+                     max_exp_avg_sqs};
+  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
+  if (skip_step(found_inf)) return;
+  fused_update(a, Thresholds(a), Tame::none, sizes,
+               step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
 }
 
 void adam_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
