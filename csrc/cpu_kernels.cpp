@@ -87,7 +87,7 @@ AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, Tame tame) {
   }
 }
 
-void code_thresholds(const float* map, int bits, float* thresholds) { scalar::code_thresholds(map, bits, thresholds); }
+Encoder make_encoder(const float* map, int bits) { return scalar::make_encoder(map, bits); }
 
 QuantizeFn quantize_kernel(Isa isa, int bits) {
   switch (isa) {

@@ -49,23 +49,31 @@ GradStatsFn grad_stats_kernel(Isa isa, DType grad);
 // low nibble) with one fp32 scale per 128 elements; 8-bit codes with one scale per 256.
 constexpr int block_size(int bits) { return bits == 4 ? 128 : 256; }
 
+// How the kernels encode y = x / scale for one map, built once per op call by make_encoder. The code of y is
+// #{k : y >= thresholds[k]}, which is exactly the reference's nearest-entry rule (thresholds[k] = the smallest y
+// whose nearest entry is above k, found by bisection; +inf past the last code).
+struct Encoder {
+  // For 8 bits the 256 thresholds are followed by the same values in binary-search level order (AVX-512 encoder).
+  float thresholds[256 + 256 + 16];
+  // The thresholds are (2k+3)/32, as for the 4-bit map (k+1)/16: then code = clamp(trunc(16y − 1/2), 0, 15) exactly
+  // (16y − 1/2 is exact in fp32 wherever it matters), no search needed.
+  bool linear;
+};
+Encoder make_encoder(const float* map, int bits);
+
 // One quantized moment of a chunk: codes and scales start at the chunk's first block; map has 2^bits entries.
 struct QState {
   uint8_t* codes;
   float* scales;
   const float* map;         // 2^bits values, for decoding
-  const float* thresholds;  // 2^bits code thresholds (code_thresholds), for encoding
+  const Encoder* encoder;   // for encoding
 };
 
 // Adam with both moments quantized (same bits); the chunk starts on a block boundary.
 using AdamQFn = void (*)(void* p, const void* g, QState m, QState v, int64_t n, const AdamConsts& c);
 AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, Tame tame = Tame::none);
 
-// thresholds[k] = the smallest y (= x / scale) whose nearest map entry is above k; computed once per call.
-// 8-bit thresholds are followed by the same values in binary-search level order (see code_thresholds).
-constexpr int thresholds_size(int bits) { return bits == 4 ? 16 : 256 + 256 + 16; }
-void code_thresholds(const float* map, int bits, float* thresholds);
-using QuantizeFn = void (*)(const float* x, int64_t n, const float* thresholds, uint8_t* codes, float* scales);
+using QuantizeFn = void (*)(const float* x, int64_t n, const Encoder& encoder, uint8_t* codes, float* scales);
 using DequantizeFn = void (*)(const uint8_t* codes, const float* scales, int64_t n, const float* map, float* out);
 QuantizeFn quantize_kernel(Isa isa, int bits);
 DequantizeFn dequantize_kernel(Isa isa, int bits);

@@ -205,21 +205,19 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   return sizes;
 }
 
-// The encoders' thresholds of both moments (code_thresholds), computed once per op call.
-struct Thresholds {
-  std::vector<float> m, v;
-  explicit Thresholds(const MomentArgs& a) {
+// The encoders of both moments (make_encoder), built once per op call.
+struct Encoders {
+  Encoder m{}, v{};
+  explicit Encoders(const MomentArgs& a) {
     if (!a.bits) return;
-    m.resize(thresholds_size(int(a.bits)));
-    v.resize(thresholds_size(int(a.bits)));
-    code_thresholds(a.m_map->data_ptr<float>(), int(a.bits), m.data());
-    code_thresholds(a.v_map->data_ptr<float>(), int(a.bits), v.data());
+    m = make_encoder(a.m_map->data_ptr<float>(), int(a.bits));
+    v = make_encoder(a.v_map->data_ptr<float>(), int(a.bits));
   }
 };
 
 // The fused pass: per tensor, its AdamConsts over every chunk, taming the gradient as `tame` says.
 // Tensors of size 0 in `sizes` are skipped.
-void fused_update(const MomentArgs& a, const Thresholds& thresholds, Tame tame, const std::vector<int64_t>& sizes,
+void fused_update(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<int64_t>& sizes,
                   const std::vector<AdamConsts>& consts) {
   const Isa isa = current_isa();
   if (a.bits == 0) {
@@ -236,14 +234,14 @@ void fused_update(const MomentArgs& a, const Thresholds& thresholds, Tame tame, 
   for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
     const int64_t blk = off / block;  // chunks start on block boundaries
     auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
-                     const std::vector<float>& t) {
+                     const Encoder& encoder) {
       return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
-                    map.data_ptr<float>(), t.data()};
+                    map.data_ptr<float>(), &encoder};
     };
     adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
         static_cast<char*>(a.params[i].data_ptr()) + off * a.params[i].element_size(),
         static_cast<const char*>(a.grads[i].data_ptr()) + off * a.grads[i].element_size(),
-        state(a.m[i], a.m_scales[i], *a.m_map, thresholds.m), state(a.v[i], a.v_scales[i], *a.v_map, thresholds.v),
+        state(a.m[i], a.m_scales[i], *a.m_map, encoders.m), state(a.v[i], a.v_scales[i], *a.v_map, encoders.v),
         len, consts[i]);
   });
 }
@@ -258,7 +256,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                      max_exp_avg_sqs};
   const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
-  fused_update(a, Thresholds(a), Tame::none, sizes,
+  fused_update(a, Encoders(a), Tame::none, sizes,
                step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
 }
 
@@ -275,7 +273,7 @@ void adam_step_quantized(at::TensorList params, at::TensorList grads, at::Tensor
                      exp_avg_sq_scales, m_map, v_map, bits};
   const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
-  fused_update(a, Thresholds(a), Tame::none, sizes,
+  fused_update(a, Encoders(a), Tame::none, sizes,
                step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
 }
 
@@ -295,7 +293,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
   const double grad_mul = grad_multiplier(grad_scale), theta = gamma3, g1 = gamma1 * scale, b1 = beta1 * scale;
   const int64_t n = int64_t(params.size());
   const Isa isa = current_isa();
-  const Thresholds thresholds(a);
+  const Encoders encoders(a);
   std::vector<AdamConsts> consts(n);
 
   // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger): the update pass
@@ -377,7 +375,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
       k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
       k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
     }
-    fused_update(a, thresholds, Tame::clip_normalize, group, consts);
+    fused_update(a, encoders, Tame::clip_normalize, group, consts);
   }
 }
 
@@ -408,7 +406,7 @@ void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     k.post_decay = float(1.0 - lr * weight_decay);
     k.keep_old = !reset;
   }
-  fused_update(a, Thresholds(a), Tame::spike, sizes, consts);
+  fused_update(a, Encoders(a), Tame::spike, sizes, consts);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const at::Tensor& map, int64_t bits) {
@@ -419,9 +417,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   const int64_t n = flat.numel(), block = block_size(int(bits)), blocks = (n + block - 1) / block;
   at::Tensor codes = at::empty({blocks * block * bits / 8}, x.options().dtype(at::kByte));
   at::Tensor scales = at::empty({blocks}, x.options());
-  std::vector<float> thresholds(thresholds_size(int(bits)));
-  code_thresholds(map.data_ptr<float>(), int(bits), thresholds.data());
-  quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, thresholds.data(), codes.data_ptr<uint8_t>(),
+  const Encoder encoder = make_encoder(map.data_ptr<float>(), int(bits));
+  quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, encoder, codes.data_ptr<uint8_t>(),
                                             scales.data_ptr<float>());
   return {codes, scales};
 }

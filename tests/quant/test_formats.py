@@ -7,6 +7,7 @@ import torch
 
 from fastopt.ops.quant import dequantize, quantize
 from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, decode, encode, zeros
+from fastopt.quant.formats import nearest_codes
 from tests.conftest import cpu_isas
 
 with warnings.catch_warnings():
@@ -63,6 +64,54 @@ def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n):
         codes, scales = quantize(x, fmt, backend=backend)
         assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
         assert torch.equal(dequantize(codes, scales, fmt, n, backend=backend), decode(codes, scales, fmt, n))
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+
+
+def code_boundaries(fmt):
+    """Every y where the reference's code steps up (the smallest float whose code exceeds k), by bisection on
+    the float order: the places where a faster encoder (a search over thresholds, arithmetic) could be off by one."""
+    table = fmt.table()
+    def order(y):  # float32 -> int64 that sorts like the floats
+        i = y.view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    def value(k):
+        return torch.where(k < 0, (-k) | -0x80000000, k).int().view(torch.float32)
+    ks = torch.arange(2**fmt.bits - 1)
+    lo = order(torch.full((ks.numel(),), -2.0))
+    hi = order(torch.full((ks.numel(),), 2.0))
+    while (hi - lo > 1).any():
+        mid = lo + (hi - lo) // 2
+        above = nearest_codes(value(mid), table) > ks
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    return value(hi)
+
+
+def test_unsigned_4bit_boundaries_are_linear():
+    """The premise of the CPU's arithmetic 4-bit encoder (csrc linear_code): the code steps at (2k+3)/32."""
+    assert torch.equal(code_boundaries(UNSIGNED_4BIT), (2 * torch.arange(15) + 3) / 32)
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" if i else b for b, i in BACKENDS])
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_backends_agree_at_every_code_boundary(backend, isa, fmt):
+    """Values on, and a few ulps either side of, each boundary between two codes: in a block of scale 1 (y = x
+    exactly) and in blocks of other scales (x/scale rounds), plus zeros, signed zeros, tiny and extreme values."""
+    boundaries = code_boundaries(fmt)
+    near, below, above = [boundaries], boundaries, boundaries
+    for _ in range(3):
+        below, above = torch.nextafter(below, torch.tensor(-2.0)), torch.nextafter(above, torch.tensor(2.0))
+        near += [below, above]
+    y = torch.cat(near + [torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1.0, 1.0])]).clamp(-1, 1)
+    if fmt.qmap[0] >= 0:
+        y = torch.cat([y.abs(), y])  # an unsigned format still encodes negative inputs like the reference
+    x = torch.cat([y, y * 3.7e-3, y * 6.1e4, y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(0))]])
+    torch.ops.fastopt.set_cpu_isa(isa or "auto")
+    try:
+        want_codes, want_scales = encode(x, fmt)
+        codes, scales = quantize(x, fmt, backend=backend)
+        assert torch.equal(scales, want_scales)
+        assert torch.equal(unpack(codes, fmt), unpack(want_codes, fmt))
     finally:
         torch.ops.fastopt.set_cpu_isa("auto")
 
