@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <string>
@@ -74,21 +75,29 @@ void check_same(const at::Tensor& p, const at::Tensor& t, const char* what, int6
   TORCH_CHECK(t.is_contiguous(), op, ": ", what, "[", i, "] must be contiguous");
 }
 
-// Runs fn(tensor, offset, length) over all chunks of all tensors, in parallel (torch's OpenMP pool).
+// Runs fn(k) for every k in [0, n) on torch's thread pool, each thread taking the next k as soon as it is free:
+// the threads finish together even when one of them is slowed down (by memory, or by another process).
+template <typename Fn>
+void parallel_each(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(k);
+  });
+}
+
+// Runs fn(tensor, offset, length) over all chunks of all tensors, in parallel.
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
   const std::vector<Chunk> chunks = split(sizes);
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(chunks[c].tensor, chunks[c].begin, chunks[c].end - chunks[c].begin);
+  parallel_each(int64_t(chunks.size()), [&](int64_t c) {
+    fn(chunks[c].tensor, chunks[c].begin, chunks[c].end - chunks[c].begin);
   });
 }
 
 // Runs fn(c) for the given chunk indices, in parallel.
 template <typename Fn>
 void for_chunks(const std::vector<int64_t>& which, const Fn& fn) {
-  at::parallel_for(0, int64_t(which.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) fn(which[k]);
-  });
+  parallel_each(int64_t(which.size()), [&](int64_t k) { fn(which[k]); });
 }
 
 // Increments each step and folds this step's per-tensor constants on the host, in double.
