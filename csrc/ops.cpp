@@ -224,35 +224,34 @@ struct Encoders {
   }
 };
 
-// The fused pass: per tensor, its AdamConsts over every chunk, taming the gradient as `tame` says.
-// Tensors of size 0 in `sizes` are skipped.
-void fused_update(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<int64_t>& sizes,
-                  const std::vector<AdamConsts>& consts) {
+// The fused pass over one chunk (tensor i, elements [off, off + len)) with tensor i's AdamConsts, taming the
+// gradient as `tame` says. Chunks of quantized moments start on block boundaries.
+void update_chunk(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<AdamConsts>& consts,
+                  int64_t i, int64_t off, int64_t len) {
   const Isa isa = current_isa();
+  auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
   if (a.bits == 0) {
     const bool amsgrad = !a.vmax.empty();
-    for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
-      auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
-      adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), amsgrad, tame)(
-          at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), amsgrad ? at_(a.vmax[i]) : nullptr, len,
-          consts[i]);
-    });
+    adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), amsgrad, tame)(
+        at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), amsgrad ? at_(a.vmax[i]) : nullptr, len,
+        consts[i]);
     return;
   }
   const int bits = int(a.bits), block = block_size(bits);
-  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
-    const int64_t blk = off / block;  // chunks start on block boundaries
-    auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map,
-                     const Encoder& encoder) {
-      return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
-                    map.data_ptr<float>(), &encoder};
-    };
-    adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
-        static_cast<char*>(a.params[i].data_ptr()) + off * a.params[i].element_size(),
-        static_cast<const char*>(a.grads[i].data_ptr()) + off * a.grads[i].element_size(),
-        state(a.m[i], a.m_scales[i], *a.m_map, encoders.m), state(a.v[i], a.v_scales[i], *a.v_map, encoders.v),
-        len, consts[i]);
-  });
+  const int64_t blk = off / block;
+  auto state = [&](const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& map, const Encoder& encoder) {
+    return QState{codes.data_ptr<uint8_t>() + blk * block * bits / 8, scales.data_ptr<float>() + blk,
+                  map.data_ptr<float>(), &encoder};
+  };
+  adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
+      at_(a.params[i]), at_(a.grads[i]), state(a.m[i], a.m_scales[i], *a.m_map, encoders.m),
+      state(a.v[i], a.v_scales[i], *a.v_map, encoders.v), len, consts[i]);
+}
+
+// The fused pass over every chunk of the tensors whose entry in `sizes` is not 0.
+void fused_update(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<int64_t>& sizes,
+                  const std::vector<AdamConsts>& consts) {
+  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) { update_chunk(a, encoders, tame, consts, i, off, len); });
 }
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -305,38 +304,49 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
   const Encoders encoders(a);
   std::vector<AdamConsts> consts(n);
 
-  // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger): the update pass
-  // then re-reads gradients that the reduction pass has just brought into the last-level cache.
+  // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger). The first reduction
+  // of the next group runs inside the update pass of this one, interleaved chunk by chunk: the update (above all
+  // with low-bit moments) is compute-bound and the reduction memory-bound, so the two hide each other, and the
+  // update of the next group then re-reads gradients that the reduction has just brought into the cache.
   constexpr int64_t kGroupBytes = int64_t(8) << 20;
+  std::vector<std::vector<int64_t>> groups;  // per group: the element count of its tensors, 0 for the others
   for (int64_t lo = 0, hi = 0; lo < n; lo = hi) {
     std::vector<int64_t> group(n, 0);
     for (int64_t bytes = 0; hi < n && (hi == lo || bytes + sizes[hi] * grads[hi].element_size() <= kGroupBytes); ++hi) {
       group[hi] = sizes[hi];
       bytes += sizes[hi] * grads[hi].element_size();
     }
+    groups.push_back(std::move(group));
+  }
 
-    // Pass 1 over the gradients: max|g| and sum g² per chunk.
-    const std::vector<Chunk> chunks = split(group);
-    std::vector<float> chunk_max(chunks.size());
-    std::vector<double> chunk_sum(chunks.size());
-    std::vector<int64_t> all(chunks.size());
-    for (size_t c = 0; c < chunks.size(); ++c) all[c] = int64_t(c);
-    auto reduce = [&](int64_t c, float thr, float mul) {
-      const Chunk& k = chunks[c];
-      const at::Tensor& g = grads[k.tensor];
-      grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
-                                                    k.end - k.begin, float(grad_mul), thr, mul, &chunk_max[c],
-                                                    &chunk_sum[c]);
-    };
-    for_chunks(all, [&](int64_t c) { reduce(c, INFINITY, 1.0f); });
+  // max|g| and the sum of g² per chunk of a group; `sum` is redone over clipped chunks once AdaClip is known.
+  struct Stats {
+    std::vector<Chunk> chunks;
+    std::vector<float> max;
+    std::vector<double> sum;
+    explicit Stats(const std::vector<int64_t>& group) : chunks(split(group)), max(chunks.size()), sum(chunks.size()) {}
+  };
+  auto reduce = [&](Stats& s, int64_t c, float thr, float mul) {
+    const Chunk& k = s.chunks[c];
+    const at::Tensor& g = grads[k.tensor];
+    grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
+                                                  k.end - k.begin, float(grad_mul), thr, mul, &s.max[c], &s.sum[c]);
+  };
+  Stats stats(groups[0]);
+  parallel_each(int64_t(stats.chunks.size()), [&](int64_t c) { reduce(stats, c, INFINITY, 1.0f); });
 
+  for (size_t group = 0; group < groups.size(); ++group) {
+    const std::vector<Chunk>& chunks = stats.chunks;
     // AdaClip per tensor (host math in double, statistics stored as float32 like the reference).
     std::vector<float> tensor_max(n, 0.0f);
     for (size_t c = 0; c < chunks.size(); ++c)  // max that keeps a NaN
-      tensor_max[chunks[c].tensor] = f32_to_bits(chunk_max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
-                                         ? chunk_max[c] : tensor_max[chunks[c].tensor];
+      tensor_max[chunks[c].tensor] = f32_to_bits(stats.max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
+                                         ? stats.max[c] : tensor_max[chunks[c].tensor];
     std::vector<double> u(n);
-    for (int64_t i = lo; i < hi; ++i) {
+    std::vector<int64_t> members;
+    for (int64_t i = 0; i < n; ++i)
+      if (groups[group][i] > 0) members.push_back(i);
+    for (int64_t i : members) {
       float& t = *steps[i].data_ptr<float>();
       float& stats_t = *stats_steps[i].data_ptr<float>();
       t += 1.0f;
@@ -352,15 +362,15 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     // Pass 2, only over chunks holding clipped entries: their sum of squares after AdaClip.
     std::vector<int64_t> clipped;
     for (size_t c = 0; c < chunks.size(); ++c)
-      if (!(chunk_max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
+      if (!(stats.max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
     for_chunks(clipped, [&](int64_t c) {
-      reduce(c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
+      reduce(stats, c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
     });
     std::vector<double> sumsq(n, 0.0);
-    for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += chunk_sum[c];
+    for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += stats.sum[c];
 
     // AdaGN and the Adam constants per tensor.
-    for (int64_t i = lo; i < hi; ++i) {
+    for (int64_t i : members) {
       const double norm = std::sqrt(sumsq[i]);
       float& m_norm = *m_norms[i].data_ptr<float>();
       float& v_norm = *v_norms[i].data_ptr<float>();
@@ -384,7 +394,18 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
       k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
       k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
     }
-    fused_update(a, encoders, Tame::clip_normalize, group, consts);
+
+    // This group's update, with the next group's first reduction spread evenly among its chunks.
+    Stats next(group + 1 < groups.size() ? groups[group + 1] : std::vector<int64_t>(n, 0));
+    const std::vector<Chunk> updates = split(groups[group]);
+    const int64_t U = int64_t(updates.size()), R = int64_t(next.chunks.size()), total = U + R;
+    parallel_each(total, [&](int64_t k) {
+      const int64_t reductions_before = k * R / total;  // slot k is a reduction when this count steps up
+      if ((k + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
+      const Chunk& c = updates[k - reductions_before];
+      update_chunk(a, encoders, Tame::clip_normalize, consts, c.tensor, c.begin, c.end - c.begin);
+    });
+    stats = std::move(next);
   }
 }
 
