@@ -34,8 +34,9 @@ struct AdamConsts {
 // One pass over n elements: reads p, g, m, v (and vmax), writes p, m, v (and vmax).
 // p and g share the param dtype; m, v and vmax share the state dtype. vmax is null unless amsgrad.
 // How a kernel of the SPAM family tames the gradient before Adam: Stable-SPAM's AdaClip + AdaGN (clip_thr,
-// clip_mul, norm_mul) or SPAM's spike clipping (spike_theta); both also honour keep_old / keep_new and post_decay.
-enum class Tame : int { none = 0, clip_normalize = 1, spike = 2 };
+// clip_mul, norm_mul), AdaGN alone (for chunks with nothing above the AdaClip threshold: no per-element test), or
+// SPAM's spike clipping (spike_theta, post_decay); all honour keep_old / keep_new.
+enum class Tame : int { none = 0, clip_normalize = 1, spike = 2, normalize = 3 };
 using AdamFn = void (*)(void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamConsts& c);
 AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame = Tame::none);  // amsgrad: Tame::none
 

@@ -395,15 +395,17 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
       k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
     }
 
-    // This group's update, with the next group's first reduction spread evenly among its chunks.
+    // This group's update, with the next group's first reduction spread evenly among its chunks. Chunks with
+    // nothing to clip (most of them) skip AdaClip's per-element test.
     Stats next(group + 1 < groups.size() ? groups[group + 1] : std::vector<int64_t>(n, 0));
-    const std::vector<Chunk> updates = split(groups[group]);
-    const int64_t U = int64_t(updates.size()), R = int64_t(next.chunks.size()), total = U + R;
+    const int64_t U = int64_t(chunks.size()), R = int64_t(next.chunks.size()), total = U + R;
     parallel_each(total, [&](int64_t k) {
       const int64_t reductions_before = k * R / total;  // slot k is a reduction when this count steps up
       if ((k + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
-      const Chunk& c = updates[k - reductions_before];
-      update_chunk(a, encoders, Tame::clip_normalize, consts, c.tensor, c.begin, c.end - c.begin);
+      const int64_t u = k - reductions_before;
+      const Chunk& c = chunks[u];
+      const Tame tame = stats.max[u] <= consts[c.tensor].clip_thr ? Tame::normalize : Tame::clip_normalize;
+      update_chunk(a, encoders, tame, consts, c.tensor, c.begin, c.end - c.begin);
     });
     stats = std::move(next);
   }
