@@ -1,6 +1,7 @@
 // Torch-free CPU kernels. Each *_body.inc is compiled three times: for AVX-512, for AVX2+FMA, and for
 // baseline x86-64 (scalar/SSE2). The wheel is built without -march=native; the ISA is picked at run time.
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastopt.ops import adam_step
-from fastopt.quant import FORMATS, Quantized, encode
+from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, Quantized, encode
 from tests.conftest import cpu_isas
 
 BACKENDS = [("cpu", isa) for isa in cpu_isas()] + [("triton", None)]
@@ -76,3 +76,28 @@ def test_mixed_quantized_and_plain_in_one_call():
         results[backend] = params
     for a, b in zip(results["cpu"], results["reference"]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("m_fmt,v_fmt", [(UNSIGNED_4BIT, SIGNED_4BIT), (UNSIGNED_4BIT, UNSIGNED_4BIT),
+                                         (SIGNED_4BIT, SIGNED_4BIT)], ids=["swapped", "both-linear", "both-dynamic"])
+def test_any_pair_of_4bit_maps_matches_reference(isa, m_fmt, v_fmt):
+    """The CPU kernels pick an encoder per map (arithmetic for the linear one, a threshold search otherwise); every
+    combination, not only the standard (signed dynamic m, linear v), agrees with the reference."""
+    n = 3001
+    p, g = torch.randn(n), torch.randn(n)
+    m = Quantized(*encode(torch.randn(n) * 0.1, m_fmt), m_fmt)
+    v = Quantized(*encode(torch.rand(n) * 1e-2, v_fmt), v_fmt)
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True)
+    want = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
+    got = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
+    adam_step(*want, backend="reference", **hp)
+    torch.ops.fastopt.set_cpu_isa(isa)
+    try:
+        adam_step(*got, backend="cpu", **hp)
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+    torch.testing.assert_close(got[0][0], want[0][0], rtol=4 * ULP[torch.float32], atol=4 * ULP[torch.float32])
+    for a, b in ((got[2][0], want[2][0]), (got[3][0], want[3][0])):
+        torch.testing.assert_close(a.scales, b.scales, rtol=1e-6, atol=0)
+        assert (a.codes != b.codes).float().mean() < 1e-3
