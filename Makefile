@@ -18,7 +18,7 @@ NO_DEPS_TEST_PACKAGES := galore-torch
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: test bench bench-galore build deps aot wheel clean convergence
+.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -29,6 +29,10 @@ bench: $(BUILT) $(BENCH_DEPS)
 # GaLore: refresh (SVD vs randomized) and step time against galore-torch; writes bench/results/galore.{json,md}.
 bench-galore: $(BUILT)
 	$(PY) -m bench.galore --readme README.md $(GALORE_ARGS)
+
+# Compute cost per element of each CPU kernel on L2-resident data (g++, torch-free; no memory-bandwidth noise).
+bench-kernels: $(DEPS)
+	$(PY) -m bench.kernels
 
 # Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.
 convergence: $(BUILT)

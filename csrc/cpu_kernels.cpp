@@ -15,6 +15,7 @@ namespace fastopt {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_* in its headers
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace avx512 {
 #define FASTOPT_AVX512_REGION
 #include "adam_body.inc"
