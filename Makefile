@@ -30,8 +30,8 @@ bench: $(BUILT) $(BENCH_DEPS)
 bench-galore: $(BUILT)
 	$(PY) -m bench.galore --readme README.md $(GALORE_ARGS)
 
-# Compute cost per element of each CPU kernel on L2-resident data (g++, torch-free; no memory-bandwidth noise).
-bench-kernels: $(DEPS)
+# Compute cost per element of each CPU kernel on L2-resident data (no memory-bandwidth noise).
+bench-kernels: $(BUILT)
 	$(PY) -m bench.kernels
 
 # Trains a small GPT-style LM with each optimizer; writes bench/results/convergence.{md,json,png}.

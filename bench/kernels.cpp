@@ -1,6 +1,7 @@
 // Per-element time of the CPU kernels on data that stays in L2, so that memory bandwidth (which swings on a
-// shared machine) does not enter: what each kernel costs in compute. Built and run by `python -m bench.kernels`,
-// which passes the quantization maps (fastopt/quant/formats.py) as arguments; torch-free, like the kernels.
+// shared machine) does not enter: what each kernel costs in compute. Built by `python -m bench.kernels` against the
+// compiled extension (only csrc/kernels.h is included: no torch headers) and run with the quantization maps of
+// fastopt/quant/formats.py as arguments.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,7 +17,7 @@ using namespace fastopt;
 
 namespace {
 
-constexpr int64_t kElements = 65536;  // one 64K-element chunk, as the ops hand the kernels (256 KB of fp32 gradient)
+constexpr int64_t kElements = 16384;  // p, g, m and v in fp32: 256 KB together, well inside a 1 MB L2
 
 // Best of five rounds of `reps` calls, in ns per element.
 template <typename Fn>
@@ -31,6 +32,20 @@ double ns_per_element(Fn fn, int reps) {
   }
   return best;
 }
+
+// Page-aligned arrays, as torch's allocator hands out large tensors: the layout (and so the cache and 4K-aliasing
+// behaviour) is the same in every run, whatever else the process allocated.
+template <typename T>
+struct PageArray {
+  T* data;
+  explicit PageArray(int64_t n, T fill = T()) : data(static_cast<T*>(std::aligned_alloc(4096, bytes(n)))) {
+    std::fill(data, data + n, fill);
+  }
+  ~PageArray() { std::free(data); }
+  PageArray(const PageArray&) = delete;
+  PageArray& operator=(const PageArray&) = delete;
+  static size_t bytes(int64_t n) { return (size_t(n) * sizeof(T) + 4095) / 4096 * 4096; }
+};
 
 std::vector<float> parse_map(const char* text, int bits) {
   std::vector<float> map;
@@ -66,13 +81,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s MAP4_SIGNED MAP4_UNSIGNED MAP8_SIGNED MAP8_UNSIGNED [quick]\n", argv[0]);
     return 2;
   }
-  const int reps = argc == 6 ? 1 : 1000;
+  const int reps = argc == 6 ? 1 : 4000;
   const Isa isa = best_isa();
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
-  std::vector<float> p(kElements), g(kElements);
-  for (float& x : p) x = 0.02f * normal(rng);
-  for (float& x : g) x = 1e-3f * normal(rng);
+  PageArray<float> p(kElements), g(kElements);
+  for (int64_t i = 0; i < kElements; ++i) p.data[i] = 0.02f * normal(rng), g.data[i] = 1e-3f * normal(rng);
 
   AdamConsts c{};
   c.grad_mul = 1.0f, c.l2 = 0.0f, c.decay = 1.0f - 1e-5f, c.beta1 = 0.9f, c.one_minus_beta1 = 0.1f;
@@ -83,44 +97,45 @@ int main(int argc, char** argv) {
               (long long)kElements, isa_name(isa));
   std::printf("| kernel | moments | ns/element |\n|---|---|---:|\n");
   const Tame tames[] = {Tame::none, Tame::normalize, Tame::clip_normalize, Tame::spike};
-  std::vector<float> m(kElements), v(kElements, 1e-6f);
+  PageArray<float> m(kElements), v(kElements, 1e-6f);
   for (Tame tame : tames) {
     AdamFn fn = adam_kernel(isa, DType::f32, DType::f32, false, tame);
     std::printf("| %s step | fp32 | %.3f |\n", tame_name(tame),
-                ns_per_element([&] { fn(p.data(), g.data(), m.data(), v.data(), nullptr, kElements, c); }, 2 * reps));
+                ns_per_element([&] { fn(p.data, g.data, m.data, v.data, nullptr, kElements, c); }, 2 * reps));
   }
   for (int bits : {4, 8}) {
     const std::vector<float> m_map = parse_map(argv[bits == 4 ? 1 : 3], bits),
                              v_map = parse_map(argv[bits == 4 ? 2 : 4], bits);
     const Encoder m_encoder = make_encoder(m_map.data(), bits), v_encoder = make_encoder(v_map.data(), bits);
     const int64_t blocks = kElements / block_size(bits), bytes = kElements * bits / 8;
-    std::vector<uint8_t> m_codes(bytes), v_codes(bytes);
-    std::vector<float> m_scales(blocks), v_scales(blocks);
-    const QState mq{m_codes.data(), m_scales.data(), m_map.data(), &m_encoder};
-    const QState vq{v_codes.data(), v_scales.data(), v_map.data(), &v_encoder};
+    PageArray<uint8_t> m_codes(bytes), v_codes(bytes);
+    PageArray<float> m_scales(blocks), v_scales(blocks);
+    const QState mq{m_codes.data, m_scales.data, m_map.data(), &m_encoder};
+    const QState vq{v_codes.data, v_scales.data, v_map.data(), &v_encoder};
     for (Tame tame : tames) {
       AdamQFn fn = adam_quantized_kernel(isa, DType::f32, bits, tame);
       std::printf("| %s step | %d-bit | %.3f |\n", tame_name(tame), bits,
-                  ns_per_element([&] { fn(p.data(), g.data(), mq, vq, kElements, c); }, reps));
+                  ns_per_element([&] { fn(p.data, g.data, mq, vq, kElements, c); }, reps));
     }
     const QuantizeFn quantize = quantize_kernel(isa, bits);
     const DequantizeFn dequantize = dequantize_kernel(isa, bits);
-    std::vector<float> x(kElements), out(kElements);
+    PageArray<float> x(kElements), out(kElements);
     for (const auto& [name, encoder, map, signed_] :
          {std::tuple{"first moment (signed", &m_encoder, &m_map, true}, std::tuple{"second moment (unsigned", &v_encoder, &v_map, false}}) {
-      for (float& e : x) e = signed_ ? 0.1f * normal(rng) : 1e-2f * std::abs(normal(rng) * normal(rng));
+      for (int64_t i = 0; i < kElements; ++i)
+        x.data[i] = signed_ ? 0.1f * normal(rng) : 1e-2f * std::abs(normal(rng) * normal(rng));
       std::printf("| encode, %s%s) | %d-bit | %.3f |\n", name, encoder->linear ? ", linear: arithmetic" : "", bits,
-                  ns_per_element([&] { quantize(x.data(), kElements, *encoder, m_codes.data(), m_scales.data()); }, reps));
+                  ns_per_element([&] { quantize(x.data, kElements, *encoder, m_codes.data, m_scales.data); }, reps));
       std::printf("| decode, %s) | %d-bit | %.3f |\n", name, bits,
-                  ns_per_element([&] { dequantize(m_codes.data(), m_scales.data(), kElements, map->data(), out.data()); }, reps));
+                  ns_per_element([&] { dequantize(m_codes.data, m_scales.data, kElements, map->data(), out.data); }, reps));
     }
   }
   std::vector<float> amax(1);
   std::vector<double> sumsq(1);
   GradStatsFn stats = grad_stats_kernel(isa, DType::f32);
   std::printf("| Stable-SPAM gradient reduction, first pass (max, sum of squares) | - | %.3f |\n",
-              ns_per_element([&] { stats(g.data(), kElements, 1.0f, INFINITY, 1.0f, amax.data(), sumsq.data()); }, 4 * reps));
+              ns_per_element([&] { stats(g.data, kElements, 1.0f, INFINITY, 1.0f, amax.data(), sumsq.data()); }, 4 * reps));
   std::printf("| Stable-SPAM gradient reduction, clipped pass | - | %.3f |\n",
-              ns_per_element([&] { stats(g.data(), kElements, 1.0f, 2e-3f, 0.5f, amax.data(), sumsq.data()); }, 4 * reps));
+              ns_per_element([&] { stats(g.data, kElements, 1.0f, 2e-3f, 0.5f, amax.data(), sumsq.data()); }, 4 * reps));
   return 0;
 }

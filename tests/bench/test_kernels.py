@@ -1,5 +1,5 @@
-"""bench.kernels (make bench-kernels) compiles against csrc/ and times every CPU kernel: each row is there and
-positive. Quick mode: one call per round, so this checks that it runs, not the numbers."""
+"""bench.kernels (make bench-kernels) links a small driver against the built extension and times every CPU kernel:
+each row is there and positive. Quick mode: one call per round, so this checks that it runs, not the numbers."""
 import re
 import subprocess
 import sys
