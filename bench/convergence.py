@@ -395,24 +395,21 @@ def write(result: dict, out: Path, readme: str | None = None) -> None:
 
 
 def main(argv=None) -> int:
+    from bench.run import add_study_options, parse_study_args
+
     parser = argparse.ArgumentParser(prog="python -m bench.convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=Config.steps)
     parser.add_argument("--only", nargs="*", metavar="NAME", help="optimizers to run, by name: "
                         + ", ".join(e.name for e in OPTIMIZERS))
-    parser.add_argument("--out", default="bench/results", help="folder for convergence.{json,md,png}")
     parser.add_argument("--seed", type=int, default=Config.seed)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--readme", default=None, help="also put the table into this README, between "
-                        "<!-- bench:convergence --> and <!-- /bench:convergence -->")
-    args = parser.parse_args(argv)
+    add_study_options(parser, "convergence.{json,md,png}", "convergence")
+    args = parse_study_args(parser, argv)
     entries = [e for e in OPTIMIZERS if e.default]
     if args.only:
         unknown = set(args.only) - {e.name for e in OPTIMIZERS}
         if unknown:
             parser.error(f"unknown optimizer(s) {sorted(unknown)}; choose from {[e.name for e in OPTIMIZERS]}")
         entries = [e for e in OPTIMIZERS if e.name in args.only]
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     result = study(Config(steps=args.steps, seed=args.seed), entries)
     if not result["rows"]:

@@ -31,7 +31,7 @@ import torch
 
 import fastopt
 from bench.contenders import PRESETS, llama_shapes
-from bench.run import machine, publish, state_bytes
+from bench.run import add_study_options, machine, parse_study_args, publish, state_bytes
 from fastopt.galore import projector as proj
 
 
@@ -220,13 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gap", type=int, default=200, help="(b) update_proj_gap")
     parser.add_argument("--steps", type=int, default=200, help="(b) timed steps per contender")
     parser.add_argument("--only", nargs="*", help="(b) substrings of contender names (galore-torch always runs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--out", default="bench/results", help="folder for galore.json and galore.md")
-    parser.add_argument("--readme", default=None, help="also put the tables into this README, between "
-                        "<!-- bench:galore --> and <!-- /bench:galore -->")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_study_options(parser, "galore.json and galore.md", "galore")
+    args = parse_study_args(parser, argv)
     import fastopt._ext
 
     fastopt._ext.load()

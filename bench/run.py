@@ -173,13 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--out", default="bench/results", help="folder for <preset>.json and <preset>.md")
-    parser.add_argument("--readme", default=None, help="also put the table into this README, between "
-                        "<!-- bench:PRESET --> and <!-- /bench:PRESET -->")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_study_options(parser, "<preset>.json and <preset>.md", "PRESET")
+    args = parse_study_args(parser, argv)
     only = args.only + [BASELINE] if args.only else None
     result = run(args.preset, args.rounds, args.warmup, only)
     text = table(result) + f"\n\nCommand: `{result['command']}`"
@@ -191,6 +186,22 @@ def main(argv=None) -> int:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     print(f"\nwrote {out}/{args.preset}.json, .md and .png", file=sys.stderr)
     return 0
+
+
+def add_study_options(parser: argparse.ArgumentParser, files: str, block: str) -> None:
+    """The options every study of bench/ takes: --threads, --out (the folder for `files`) and --readme (the README
+    whose <!-- bench:block --> markers get the table). `parse_study_args` applies --threads."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--out", default="bench/results", help=f"folder for {files}")
+    parser.add_argument("--readme", default=None, help="also put the table into this README, between "
+                        f"<!-- bench:{block} --> and <!-- /bench:{block} -->")
+
+
+def parse_study_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def publish(out: Path, name: str, result: dict, text: str, readme: str | None) -> Path:
