@@ -6,10 +6,6 @@
 #include <cstdint>
 #include "dtypes.h"
 
-// Helpers that must inline into the kernels that call them (vectors passed by reference would otherwise go
-// through memory).
-#define FASTOPT_INLINE inline __attribute__((always_inline))
-
 namespace fastopt {
 
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };

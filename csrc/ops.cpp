@@ -318,6 +318,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     groups.push_back(std::move(group));
   }
+  if (groups.empty()) return;  // no tensors
 
   // max|g| and the sum of g² per chunk of a group; `sum` is redone over clipped chunks once AdaClip is known.
   struct Stats {

@@ -85,3 +85,17 @@ def test_many_tensors_in_one_call():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for ours, ref in zip(results[0][1], results[1][1]):
         assert [c.item() for c in ours] == pytest.approx([c.item() for c in ref], rel=1e-5)
+
+
+
+def test_cpu_ops_accept_empty_lists():
+    """The raw ops take a step over no tensors (the Python wrappers return early; the dispatcher reaches the CPU
+    kernel through the maps alone)."""
+    from fastopt.quant import FORMATS
+
+    maps = FORMATS[(4, True)].table(), FORMATS[(4, False)].table()
+    torch.ops.fastopt.stable_spam_step([], [], [], [], [], [], [], [], [], [], [], *maps, 4, lr=1e-3, beta1=0.9,
+                                       beta2=0.999, eps=1e-8, weight_decay=0.0, gamma1=0.7, gamma2=0.9, gamma3=0.999,
+                                       scale=1.0, reset=False, official=False)
+    torch.ops.fastopt.spam_step([], [], [], [], [], [], [], *maps, 4, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6,
+                                weight_decay=0.0, threshold=5000.0, scale=1.0, reset=False, clip=True)
