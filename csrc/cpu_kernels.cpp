@@ -1,5 +1,5 @@
-// Torch-free CPU kernels. Each *_body.inc is compiled three times: for AVX-512, for AVX2+FMA, and for
-// baseline x86-64 (scalar/SSE2). The wheel is built without -march=native; the ISA is picked at run time.
+// Torch-free CPU kernels. Each *_body.inc is compiled four times: for AVX-512 with and without VBMI, for AVX2+FMA,
+// and for baseline x86-64 (scalar/SSE2). The wheel is built without -march=native; the ISA is picked at run time.
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
@@ -26,6 +26,22 @@ namespace avx512 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma,f16c,prefer-vector-width=512")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+namespace avx512vbmi {  // the AVX-512 kernels again, with the 8-bit decoder's byte-plane lookups (vpermi2b)
+#define FASTOPT_AVX512_REGION
+#define FASTOPT_VBMI
+#include "adam_body.inc"
+#include "quant_body.inc"
+#undef FASTOPT_VBMI
+#undef FASTOPT_AVX512_REGION
+}
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "adam_body.inc"
@@ -44,7 +60,7 @@ Isa best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
-    return Isa::avx512;
+    return __builtin_cpu_supports("avx512vbmi") ? Isa::avx512vbmi : Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
   return Isa::scalar;
@@ -52,6 +68,7 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512vbmi: return "avx512vbmi";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     case Isa::scalar: return "scalar";
@@ -62,6 +79,7 @@ const char* isa_name(Isa isa) {
 AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512vbmi: return avx512vbmi::adam_kernel(param, state, amsgrad, tame);
     case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad, tame);
     case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad, tame);
 #endif
@@ -72,6 +90,7 @@ AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame) {
 GradStatsFn grad_stats_kernel(Isa isa, DType grad) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512vbmi: return avx512vbmi::grad_stats_kernel(grad);
     case Isa::avx512: return avx512::grad_stats_kernel(grad);
     case Isa::avx2: return avx2::grad_stats_kernel(grad);
 #endif
@@ -82,6 +101,7 @@ GradStatsFn grad_stats_kernel(Isa isa, DType grad) {
 AdamQFn adam_quantized_kernel(Isa isa, DType param, int bits, Tame tame) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512vbmi: return avx512vbmi::adam_quantized_kernel(param, bits, tame);
     case Isa::avx512: return avx512::adam_quantized_kernel(param, bits, tame);
     case Isa::avx2: return avx2::adam_quantized_kernel(param, bits, tame);
 #endif
@@ -94,6 +114,7 @@ Encoder make_encoder(const float* map, int bits) { return scalar::make_encoder(m
 QuantizeFn quantize_kernel(Isa isa, int bits) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512vbmi: return avx512vbmi::quantize_kernel(bits);
     case Isa::avx512: return avx512::quantize_kernel(bits);
     case Isa::avx2: return avx2::quantize_kernel(bits);
 #endif
@@ -104,6 +125,7 @@ QuantizeFn quantize_kernel(Isa isa, int bits) {
 DequantizeFn dequantize_kernel(Isa isa, int bits) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512vbmi: return avx512vbmi::dequantize_kernel(bits);
     case Isa::avx512: return avx512::dequantize_kernel(bits);
     case Isa::avx2: return avx2::dequantize_kernel(bits);
 #endif

@@ -8,7 +8,7 @@
 
 namespace fastopt {
 
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512vbmi = 3 };  // avx512vbmi: + byte permutes (Ice Lake, Zen 4)
 Isa best_isa();                 // widest ISA this CPU (and OS) supports
 const char* isa_name(Isa isa);
 
@@ -59,7 +59,18 @@ struct Encoder {
   // The thresholds are (2k+3)/32, as for the 4-bit map (k+1)/16: then code = clamp(trunc(16y − 1/2), 0, 15) exactly
   // (16y − 1/2 is exact in fp32 wherever it matters), no search needed.
   bool linear;
+  // 8 bits: the dynamic maps are linear within each decade, so on each of a few segments of y (a decade's run of
+  // codes, or a single code between decades) the code is trunc(fma(y, a, b)). make_encoder proves, threshold by
+  // threshold, that this equals the search wherever fma(y, a, b) lies at least kSegmentMargin from an integer; the
+  // encoder searches exactly for the rare lanes closer than that. `segmented` is false if a map needs > 32 segments.
+  struct Segments {
+    int levels;         // of the search: 4 for up to 16 segments, else 5
+    float starts[32];   // segment starts in search order: level L at [2^(L-1) - 1, 2^L - 1), by path j
+    float a[32], b[32]; // the affine map of the segment reached by path j (the search's bits, first level lowest)
+  } segments;
+  bool segmented;
 };
+constexpr float kSegmentMargin = 0x1p-13f;
 Encoder make_encoder(const float* map, int bits);
 
 // One quantized moment of a chunk: codes and scales start at the chunk's first block; map has 2^bits entries.

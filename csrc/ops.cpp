@@ -36,11 +36,12 @@ std::string get_isa() { return isa_name(current_isa()); }
 std::string set_isa(const std::string& name) {
   const Isa best = best_isa();
   Isa want;
-  if (name == "avx512") want = Isa::avx512;
+  if (name == "avx512vbmi") want = Isa::avx512vbmi;
+  else if (name == "avx512") want = Isa::avx512;
   else if (name == "avx2") want = Isa::avx2;
   else if (name == "scalar") want = Isa::scalar;
   else if (name == "auto") want = best;
-  else TORCH_CHECK(false, "fastopt: unknown isa '", name, "' (expected avx512, avx2, scalar or auto)");
+  else TORCH_CHECK(false, "fastopt: unknown isa '", name, "' (expected avx512vbmi, avx512, avx2, scalar or auto)");
   TORCH_CHECK(int(want) <= int(best), "fastopt: isa '", name, "' is not supported by this CPU (best: ", isa_name(best), ")");
   g_isa.store(int(want));
   return isa_name(want);

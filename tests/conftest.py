@@ -20,7 +20,7 @@ def cpu_isas() -> list[str]:
     if _ext.load() is None:
         return []
     best = torch.ops.fastopt.cpu_isa()
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512vbmi"]
     return order[: order.index(best) + 1]
 
 

@@ -68,15 +68,21 @@ def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n):
         torch.ops.fastopt.set_cpu_isa("auto")
 
 
+def order(y):
+    """float32 -> int64 that sorts like the floats, adjacent floats one apart."""
+    i = y.view(torch.int32).long()
+    return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def value(k):
+    """The inverse of order."""
+    return torch.where(k < 0, (-k) | -0x80000000, k).int().view(torch.float32)
+
+
 def code_boundaries(fmt):
     """Every y where the reference's code steps up (the smallest float whose code exceeds k), by bisection on
     the float order: the places where a faster encoder (a search over thresholds, arithmetic) could be off by one."""
     table = fmt.table()
-    def order(y):  # float32 -> int64 that sorts like the floats
-        i = y.view(torch.int32).long()
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-    def value(k):
-        return torch.where(k < 0, (-k) | -0x80000000, k).int().view(torch.float32)
     ks = torch.arange(2**fmt.bits - 1)
     lo = order(torch.full((ks.numel(),), -2.0))
     hi = order(torch.full((ks.numel(),), 2.0))
@@ -95,14 +101,14 @@ def test_unsigned_4bit_boundaries_are_linear():
 @pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" if i else b for b, i in BACKENDS])
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
 def test_backends_agree_at_every_code_boundary(backend, isa, fmt):
-    """Values on, and a few ulps either side of, each boundary between two codes: in a block of scale 1 (y = x
-    exactly) and in blocks of other scales (x/scale rounds), plus zeros, signed zeros, tiny and extreme values."""
-    boundaries = code_boundaries(fmt)
-    near, below, above = [boundaries], boundaries, boundaries
-    for _ in range(3):
-        below, above = torch.nextafter(below, torch.tensor(-2.0)), torch.nextafter(above, torch.tensor(2.0))
-        near += [below, above]
-    y = torch.cat(near + [torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1.0, 1.0])]).clamp(-1, 1)
+    """Values on, and 1, 2, 3, 4, 8, ... 2^14 ulps either side of, each boundary between two codes (the CPU's 8-bit
+    encoder computes codes arithmetically except within a margin around each boundary, hundreds of ulps wide: both
+    sides of its edge are in there): in a block of scale 1 (y = x exactly) and in blocks of other scales (x/scale
+    rounds), plus zeros, signed zeros, tiny and extreme values."""
+    boundaries = order(code_boundaries(fmt))
+    offsets = torch.tensor([0, 1, 2, 3] + [2**i for i in range(2, 15)])
+    near = value((boundaries[:, None] + torch.cat([offsets, -offsets])).view(-1))
+    y = torch.cat([near, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1.0, 1.0])]).clamp(-1, 1)
     if fmt.qmap[0] >= 0:
         y = torch.cat([y.abs(), y])  # an unsigned format still encodes negative inputs like the reference
     x = torch.cat([y, y * 3.7e-3, y * 6.1e4, y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(0))]])
