@@ -87,6 +87,8 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> normal;
   PageArray<float> p(kElements), g(kElements);
   for (int64_t i = 0; i < kElements; ++i) p.data[i] = 0.02f * normal(rng), g.data[i] = 1e-3f * normal(rng);
+  PageArray<bf16_t> p_bf16(kElements), g_bf16(kElements);
+  for (int64_t i = 0; i < kElements; ++i) p_bf16.data[i] = from_f32<bf16_t>(p.data[i]), g_bf16.data[i] = from_f32<bf16_t>(g.data[i]);
 
   AdamConsts c{};
   c.grad_mul = 1.0f, c.l2 = 0.0f, c.decay = 1.0f - 1e-5f, c.beta1 = 0.9f, c.one_minus_beta1 = 0.1f;
@@ -117,6 +119,9 @@ int main(int argc, char** argv) {
       std::printf("| %s step | %d-bit | %.3f |\n", tame_name(tame), bits,
                   ns_per_element([&] { fn(p.data, g.data, mq, vq, kElements, c); }, reps));
     }
+    AdamQFn bf16_step = adam_quantized_kernel(isa, DType::bf16, bits, Tame::none);
+    std::printf("| AdamW step, bf16 params | %d-bit | %.3f |\n", bits,
+                ns_per_element([&] { bf16_step(p_bf16.data, g_bf16.data, mq, vq, kElements, c); }, reps));
     const QuantizeFn quantize = quantize_kernel(isa, bits);
     const DequantizeFn dequantize = dequantize_kernel(isa, bits);
     PageArray<float> x(kElements), out(kElements);

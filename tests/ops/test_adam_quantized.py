@@ -48,6 +48,27 @@ def test_one_step_matches_reference(backend, isa, bits, n, dtype):
         torch.ops.fastopt.set_cpu_isa("auto")
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_params_round_the_fp32_result_to_nearest_even(isa, bits, dtype):
+    """A 16-bit param is the fp32 kernel's result on the widened param, rounded to nearest even (torch's .to()):
+    exactly, which the reference comparison's tolerance could not tell from truncation."""
+    n = 70_001
+    torch.ops.fastopt.set_cpu_isa(isa)
+    try:
+        p, g = torch.randn(n).to(dtype), (torch.randn(n) * 1e-2).to(dtype)
+        m, v = quantized_state(n, bits)
+        hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True)
+        half = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
+        wide = [p.float()], [g.float()], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
+        adam_step(*half, backend="cpu", **hp)
+        adam_step(*wide, backend="cpu", **hp)
+        assert torch.equal(half[0][0], wide[0][0].to(dtype))
+        assert torch.equal(half[2][0].codes, wide[2][0].codes) and torch.equal(half[3][0].codes, wide[3][0].codes)
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_found_inf_skips_everything(backend):
     n = 1000
