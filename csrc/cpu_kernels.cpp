@@ -79,7 +79,7 @@ const char* isa_name(Isa isa) {
 AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512vbmi: return avx512vbmi::adam_kernel(param, state, amsgrad, tame);
+    case Isa::avx512vbmi:  // VBMI changes only the 8-bit decoder
     case Isa::avx512: return avx512::adam_kernel(param, state, amsgrad, tame);
     case Isa::avx2: return avx2::adam_kernel(param, state, amsgrad, tame);
 #endif
@@ -90,7 +90,7 @@ AdamFn adam_kernel(Isa isa, DType param, DType state, bool amsgrad, Tame tame) {
 GradStatsFn grad_stats_kernel(Isa isa, DType grad) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-    case Isa::avx512vbmi: return avx512vbmi::grad_stats_kernel(grad);
+    case Isa::avx512vbmi:  // VBMI changes only the 8-bit decoder
     case Isa::avx512: return avx512::grad_stats_kernel(grad);
     case Isa::avx2: return avx2::grad_stats_kernel(grad);
 #endif

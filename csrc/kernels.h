@@ -65,12 +65,16 @@ struct Encoder {
   // encoder searches exactly for the rare lanes closer than that. `segmented` is false if a map needs > 32 segments.
   struct Segments {
     int levels;         // of the search: 4 for up to 16 segments, else 5
-    float starts[32];   // segment starts in search order: level L at [2^(L-1) - 1, 2^L - 1), by path j
-    float a[32], b[32]; // the affine map of the segment reached by path j (the search's bits, first level lowest)
+    // By the reversed path r of the search (bit L−1 = whether y passed level L's start): level L's starts at
+    // [2^(L-1) - 1, 2^L - 1), and each segment's affine map (make_segments).
+    float starts[32];
+    float a[32], b[32];
   } segments;
   bool segmented;
 };
+// 8 ulps of z near 255: far above the fma's rounding, and ~2·10^-4 of the lanes fall within it (exact search).
 constexpr float kSegmentMargin = 0x1p-13f;
+static_assert(kSegmentMargin > 0.0f && kSegmentMargin < 0.5f, "a margin must leave room between integers");
 Encoder make_encoder(const float* map, int bits);
 
 // One quantized moment of a chunk: codes and scales start at the chunk's first block; map has 2^bits entries.

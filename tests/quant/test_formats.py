@@ -7,7 +7,7 @@ import torch
 
 from fastopt.ops.quant import dequantize, quantize
 from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, decode, encode, zeros
-from fastopt.quant.formats import nearest_codes
+from fastopt.quant.formats import QuantFormat, nearest_codes
 from tests.conftest import cpu_isas
 
 with warnings.catch_warnings():
@@ -121,6 +121,48 @@ def test_backends_agree_at_every_code_boundary(backend, isa, fmt):
     finally:
         torch.ops.fastopt.set_cpu_isa("auto")
 
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
+def test_cpu_isas_agree_on_blocks_with_inf_and_nan(isa, fmt):
+    """A block holding NaN has a NaN scale on every ISA (its values are then encoded as they are: y = ±inf must get
+    the threshold search's code, which the 8-bit arithmetic encoder cannot compute); ±inf alone gives y = NaN."""
+    inf, nan = float("inf"), float("nan")
+    specials = [[inf, nan], [nan, inf], [-inf, nan], [nan, -inf], [inf], [-inf], [inf, -inf], [nan]]
+    rows = []
+    for special in specials:
+        row = torch.linspace(-0.9, 0.9, fmt.block)
+        row[3: 3 + len(special)] = torch.tensor(special)
+        rows.append(row)
+    x = torch.cat(rows)
+    want_codes, want_scales = [], []
+    for chosen in ("scalar", isa):
+        torch.ops.fastopt.set_cpu_isa(chosen)
+        try:
+            codes, scales = quantize(x, fmt, backend="cpu")
+        finally:
+            torch.ops.fastopt.set_cpu_isa("auto")
+        want_codes.append(codes), want_scales.append(scales)
+    assert torch.equal(want_codes[0], want_codes[1])
+    torch.testing.assert_close(want_scales[0], want_scales[1], equal_nan=True, rtol=0, atol=0)
+    assert want_scales[1][:4].isnan().all()
+
+
+@pytest.mark.parametrize("backend,isa", [("cpu", isa) for isa in cpu_isas()])
+def test_8bit_map_with_irregular_thresholds_matches_the_reference(backend, isa):
+    """A map whose thresholds follow no line needs more segments than the arithmetic 8-bit encoder has: the CPU
+    searches the thresholds instead, and still agrees with the reference."""
+    g = torch.Generator().manual_seed(5)
+    irregular = torch.cat([torch.rand(255, generator=g) * 2 - 1, torch.ones(1)]).sort().values
+    fmt = QuantFormat("8bit-irregular", 8, 256, tuple(irregular.tolist()))
+    x = torch.cat([torch.randn(50_000, generator=g), code_boundaries(fmt)])
+    torch.ops.fastopt.set_cpu_isa(isa)
+    try:
+        codes, scales = quantize(x, fmt, backend=backend)
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+    want_codes, want_scales = encode(x, fmt)
+    assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes)
 
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
 def test_round_trip_error_within_resolution(fmt):
