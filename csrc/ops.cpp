@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -215,13 +216,28 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   return sizes;
 }
 
-// The encoders of both moments (make_encoder), built once per op call.
+// The Encoder of a map, from a small cache keyed by the map's values: building one takes ~0.4 ms for an 8-bit map
+// (bisection for 255 thresholds, then the segments' proof), far too much to repeat at every step.
+Encoder encoder_for(const at::Tensor& map, int bits) {
+  static std::mutex mutex;
+  static std::vector<std::pair<std::vector<float>, Encoder>> cache;  // the most recent last
+  const float* q = map.data_ptr<float>();
+  std::vector<float> key(q, q + (int64_t(1) << bits));
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [values, encoder] : cache)
+    if (values == key) return encoder;
+  if (cache.size() == 16) cache.erase(cache.begin());
+  cache.emplace_back(std::move(key), make_encoder(q, bits));
+  return cache.back().second;
+}
+
+// The encoders of both moments.
 struct Encoders {
   Encoder m{}, v{};
   explicit Encoders(const MomentArgs& a) {
     if (!a.bits) return;
-    m = make_encoder(a.m_map->data_ptr<float>(), int(a.bits));
-    v = make_encoder(a.v_map->data_ptr<float>(), int(a.bits));
+    m = encoder_for(*a.m_map, int(a.bits));
+    v = encoder_for(*a.v_map, int(a.bits));
   }
 };
 
@@ -451,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& x, const
   const int64_t n = flat.numel(), block = block_size(int(bits)), blocks = (n + block - 1) / block;
   at::Tensor codes = at::empty({blocks * block * bits / 8}, x.options().dtype(at::kByte));
   at::Tensor scales = at::empty({blocks}, x.options());
-  const Encoder encoder = make_encoder(map.data_ptr<float>(), int(bits));
+  const Encoder encoder = encoder_for(map, int(bits));
   quantize_kernel(current_isa(), int(bits))(flat.data_ptr<float>(), n, encoder, codes.data_ptr<uint8_t>(),
                                             scales.data_ptr<float>());
   return {codes, scales};
