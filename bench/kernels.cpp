@@ -75,14 +75,33 @@ const char* tame_name(Tame tame) {
 }  // namespace
 
 // argv: the signed and unsigned 4-bit maps, then the signed and unsigned 8-bit maps (comma-separated values);
-// then optionally "quick" (one call per round: checks that everything runs, times nothing reliably).
+// then optionally "quick" (one call per round: checks that everything runs, times nothing reliably) and
+// "isa=NAME" (a narrower ISA than the CPU's best, e.g. to see what AVX2-only machines get).
 int main(int argc, char** argv) {
-  if (argc != 5 && !(argc == 6 && std::string(argv[5]) == "quick")) {
-    std::fprintf(stderr, "usage: %s MAP4_SIGNED MAP4_UNSIGNED MAP8_SIGNED MAP8_UNSIGNED [quick]\n", argv[0]);
+  int reps = 4000;
+  Isa isa = best_isa();
+  bool usage = argc < 5;
+  for (int i = 5; i < argc && !usage; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "quick") {
+      reps = 1;
+    } else if (arg.rfind("isa=", 0) == 0) {
+      const Isa best = isa;
+      bool known = false;
+      for (Isa candidate : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vbmi})
+        if (arg.substr(4) == isa_name(candidate)) isa = candidate, known = true;
+      if (!known || int(isa) > int(best)) {
+        std::fprintf(stderr, "%s: unknown, or not supported by this CPU (best: %s)\n", arg.c_str(), isa_name(best));
+        return 2;
+      }
+    } else {
+      usage = true;
+    }
+  }
+  if (usage) {
+    std::fprintf(stderr, "usage: %s MAP4_SIGNED MAP4_UNSIGNED MAP8_SIGNED MAP8_UNSIGNED [quick] [isa=NAME]\n", argv[0]);
     return 2;
   }
-  const int reps = argc == 6 ? 1 : 4000;
-  const Isa isa = best_isa();
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
   PageArray<float> p(kElements), g(kElements);

@@ -1,6 +1,6 @@
 """Compute cost of each CPU kernel, per element, on L2-resident data (no memory-bandwidth noise):
 
-    python -m bench.kernels [--quick]
+    python -m bench.kernels [--quick] [--isa avx512vbmi|avx512|avx2|scalar]
 
 Compiles the small driver bench/kernels.cpp (torch-free: it includes only csrc/kernels.h) and links it against the
 built extension fastopt._C, so it times exactly the kernels fastopt ships and never recompiles them; the
@@ -8,6 +8,7 @@ quantization maps of fastopt/quant/formats.py are passed as arguments. Needs g++
 built (`make build`)."""
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
-    quick = "--quick" in (sys.argv[1:] if argv is None else argv)  # one call per round: runs everything, times nothing
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one call per round: runs everything, times nothing")
+    parser.add_argument("--isa", choices=["avx512vbmi", "avx512", "avx2", "scalar"],
+                        help="time the kernels of this ISA instead of the CPU's best (it must support it)")
+    args = parser.parse_args(argv)
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         print("bench.kernels needs g++ (or c++) on the PATH", file=sys.stderr)
@@ -43,7 +48,8 @@ def main(argv=None) -> int:
         subprocess.run([compiler, "-O2", "-std=c++17", f"-I{CSRC}", str(HERE / "kernels.cpp"), str(extension),
                         f"-Wl,--disable-new-dtags,-rpath,{torch_lib}", "-Wl,--allow-shlib-undefined", "-o",
                         str(binary)], check=True)
-        return subprocess.run([str(binary), *maps, *(["quick"] if quick else [])]).returncode
+        options = (["quick"] if args.quick else []) + ([f"isa={args.isa}"] if args.isa else [])
+        return subprocess.run([str(binary), *maps, *options]).returncode
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ namespace avx512vbmi {  // the AVX-512 kernels again, with the 8-bit decoder's b
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define FASTOPT_AVX2_REGION
 #include "adam_body.inc"
 #include "quant_body.inc"
+#undef FASTOPT_AVX2_REGION
 }
 #pragma GCC pop_options
 #endif

@@ -1,8 +1,8 @@
-"""Every float32 in [-1, 1] through the 8-bit CPU encoders: the segmented encoders of the AVX-512 ISAs (arithmetic
-codes, proven exact when the Encoder is built) against the scalar build's plain threshold search, which the tests
+"""Every float32 in [-1, 1] through the 8-bit CPU encoders: the segmented encoders of the AVX2 and AVX-512 ISAs
+(arithmetic codes, proven exact when the Encoder is built) against the scalar build's plain threshold search, which the tests
 check against the reference. Each value sits in a block whose scale is 1, so it is encoded as y = x exactly.
 
-    python -m tests.quant.exhaustive_8bit      # ~100 s per ISA on this machine; not part of `make test`
+    python -m tests.quant.exhaustive_8bit      # ~100 s per ISA on this machine (50 s for AVX-512); not part of `make test`
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def main() -> int:
         print("needs the built extension (make build)", file=sys.stderr)
         return 2
     ops = torch.ops.fastopt
-    isas = [isa for isa in cpu_isas() if isa.startswith("avx512")]
+    isas = [isa for isa in cpu_isas() if isa != "scalar"]
     if not isas:
-        print(f"this CPU has no AVX-512 (best: {ops.cpu_isa()}): only the threshold search runs here", file=sys.stderr)
+        print(f"this CPU has no AVX2 (best: {ops.cpu_isa()}): only the threshold search runs here", file=sys.stderr)
         return 2
     chunk = 255 << 16
     failures = 0
