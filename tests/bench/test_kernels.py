@@ -19,3 +19,16 @@ def test_bench_kernels_runs_every_kernel():
     assert sum(key.startswith("encode, ") for key in rows) == 4 and sum(key.startswith("decode, ") for key in rows) == 4
     assert any("linear: arithmetic" in key for key in rows)  # the 4-bit second moment's encoder
     assert sum(key.startswith("Stable-SPAM gradient reduction") for key in rows) == 2
+
+
+def test_bench_kernels_times_a_chosen_isa():
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--quick", "--isa", "scalar"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "ISA scalar, one thread" in out
+    assert re.search(r"^\| AdamW step \| 8-bit \| [0-9.]+ \|$", out, re.M)
+
+
+def test_bench_kernels_refuses_an_unknown_isa():
+    run = subprocess.run([sys.executable, "-m", "bench.kernels", "--quick", "--isa", "neon"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid choice: 'neon'" in run.stderr
