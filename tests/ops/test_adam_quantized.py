@@ -69,6 +69,30 @@ def test_half_params_round_the_fp32_result_to_nearest_even(isa, bits, dtype):
     finally:
         torch.ops.fastopt.set_cpu_isa("auto")
 
+@pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_avx512_computes_the_same_bits_as_avx2(isa, bits, dtype):
+    """Five steps with the AVX-512 kernels (blocks kept in registers) and the AVX2 ones (blocks staged in arrays):
+    the same fp32 operations, FMAs included, so params, codes and scales are bit-identical, tail block included.
+    (The baseline x86-64 build has no FMA: it is held to the reference's tolerance.)"""
+    n = 70_001
+    p, (m, v) = torch.randn(n).to(dtype), quantized_state(n, bits)
+    grads = [(torch.randn(n) * 10.0 ** (k % 3 - 2)).to(dtype) for k in range(5)]
+    results = []
+    for chosen in (isa, "avx2"):
+        state = [p.clone()], None, [clone(m)], [clone(v)], [], [torch.tensor(0.0)]
+        torch.ops.fastopt.set_cpu_isa(chosen)
+        try:
+            for g in grads:
+                adam_step(state[0], [g], *state[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                          decoupled=True, backend="cpu")
+        finally:
+            torch.ops.fastopt.set_cpu_isa("auto")
+        results.append([state[0][0], state[2][0].codes, state[2][0].scales, state[3][0].codes, state[3][0].scales])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_found_inf_skips_everything(backend):
     n = 1000
