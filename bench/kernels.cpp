@@ -79,14 +79,14 @@ const char* tame_name(Tame tame) {
 // "isa=NAME" (a narrower ISA than the CPU's best, e.g. to see what AVX2-only machines get).
 int main(int argc, char** argv) {
   int reps = 4000;
-  Isa isa = best_isa();
+  const Isa best = best_isa();
+  Isa isa = best;
   bool usage = argc < 5;
   for (int i = 5; i < argc && !usage; ++i) {
     const std::string arg = argv[i];
     if (arg == "quick") {
       reps = 1;
     } else if (arg.rfind("isa=", 0) == 0) {
-      const Isa best = isa;
       bool known = false;
       for (Isa candidate : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vbmi})
         if (arg.substr(4) == isa_name(candidate)) isa = candidate, known = true;

@@ -72,9 +72,9 @@ struct Encoder {
   } segments;
   bool segmented;
 };
-// 8 ulps of z near 255: far above the fma's rounding. The AVX-512 encoder tests a window twice as wide (its
-// fixed-point test, Segmented8); ~2·10^-4 of the lanes fall within that (measured on bench.kernels' data) and take
-// the exact search.
+// 8 ulps of z near 255: far above the fma's rounding. The SIMD encoders test a window twice as wide (their
+// fixed-point test, kCodeShift8 in quant_body.inc); ~2·10^-4 of the lanes fall within that (measured on
+// bench.kernels' data) and take the exact search.
 constexpr float kSegmentMargin = 0x1p-13f;
 static_assert(kSegmentMargin > 0.0f && kSegmentMargin < 0.5f, "a margin must leave room between integers");
 Encoder make_encoder(const float* map, int bits);

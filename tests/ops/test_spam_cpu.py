@@ -33,11 +33,12 @@ def test_spam_cpu_matches_reference(cpu_isa, n, dtype, storage):
 
 
 @pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
+@pytest.mark.parametrize("n", [65, 257, 70_001])
 @pytest.mark.parametrize("storage", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("algo,compat", [("stable", "official"), ("stable", None), ("spam", None)],
                          ids=["stable-official", "stable-corrected", "spam"])
-def test_avx512_computes_the_same_bits_as_avx2(algo, compat, dtype, storage, isa):
+def test_avx512_computes_the_same_bits_as_avx2(algo, compat, dtype, storage, n, isa):
     """The AVX-512 kernels (blocks kept in registers) and the AVX2 ones (blocks staged in arrays) do the same fp32
     operations, FMAs included: the whole trajectory (resets, spikes, a tail block) is bit-identical. (The baseline
     x86-64 build has no FMA, so it rounds some products separately: it is held to the reference's tolerance.)"""
@@ -45,7 +46,7 @@ def test_avx512_computes_the_same_bits_as_avx2(algo, compat, dtype, storage, isa
     for chosen in (isa, "avx2"):
         torch.ops.fastopt.set_cpu_isa(chosen)
         try:
-            param, _, _, counters, (m, v) = trajectory(algo, "cpu", 70_001, dtype, storage, compat)
+            param, _, _, counters, (m, v) = trajectory(algo, "cpu", n, dtype, storage, compat)
         finally:
             torch.ops.fastopt.set_cpu_isa("auto")
         results.append(([param, m.codes, m.scales, v.codes, v.scales], counters))

@@ -1,8 +1,8 @@
 """Every float32 in [-1, 1] through the 8-bit CPU encoders: the segmented encoders of the AVX2 and AVX-512 ISAs
-(arithmetic codes, proven exact when the Encoder is built) against the scalar build's plain threshold search, which the tests
-check against the reference. Each value sits in a block whose scale is 1, so it is encoded as y = x exactly.
+(arithmetic codes, proven exact when the Encoder is built) against the scalar build's plain threshold search, which
+the tests check against the reference. Each value sits in a block whose scale is 1, so it is encoded as y = x exactly.
 
-    python -m tests.quant.exhaustive_8bit      # ~100 s per ISA on this machine (50 s for AVX-512); not part of `make test`
+    python -m tests.quant.exhaustive_8bit   # not part of `make test`: here ~100 s per map with AVX2, 50 s with AVX-512
 """
 from __future__ import annotations
 
