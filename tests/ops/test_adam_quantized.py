@@ -71,7 +71,7 @@ def test_half_params_round_the_fp32_result_to_nearest_even(isa, bits, dtype):
 
 @pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("n", [1, 16, 63, 64, 65, 240, 255, 257, 70_001])
 def test_avx512_computes_the_same_bits_as_avx2(isa, bits, dtype, n):
     """Five steps with the AVX-512 kernels (blocks kept in registers) and the AVX2 ones (blocks staged in arrays):
@@ -92,6 +92,38 @@ def test_avx512_computes_the_same_bits_as_avx2(isa, bits, dtype, n):
             torch.ops.fastopt.set_cpu_isa("auto")
         results.append([state[0][0], state[2][0].codes, state[2][0].scales, state[3][0].codes, state[3][0].scales])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+SPECIAL_16BIT = {  # NaNs with payloads and both signs, ±inf, the largest finite, subnormals of both signs
+    torch.float16: [0x7D01, 0xFFFF, 0x7C00, 0xFC00, 0x7BFF, 0x0001, 0x8001, 0x03FF],
+    torch.bfloat16: [0x7F81, 0xFFFF, 0x7F80, 0xFF80, 0x7F7F, 0x0001, 0x8001, 0x007F],
+}
+
+
+@pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_param_specials_round_as_avx2(isa, bits, dtype):
+    """The AVX-512 register kernels convert 16-bit params with vector instructions, the AVX2 ones with from_f32:
+    NaN payloads (a canonical NaN out: fp16 keeps the sign, bf16 does not), infinities, the largest finite value and
+    subnormals agree."""
+    n = 4097
+    p = torch.randn(n).to(dtype)
+    where = torch.tensor([0, 17, 130, 255, 256, 2049, 4000, 4096])  # several blocks and the tail
+    p.view(torch.int16)[where] = torch.tensor(SPECIAL_16BIT[dtype], dtype=torch.int32).to(torch.int16)
+    g, (m, v) = (torch.randn(n) * 1e-2).to(dtype), quantized_state(n, bits)
+    results = []
+    for chosen in (isa, "avx2"):
+        state = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(0.0)]
+        torch.ops.fastopt.set_cpu_isa(chosen)
+        try:
+            adam_step(*state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True,
+                      backend="cpu")
+        finally:
+            torch.ops.fastopt.set_cpu_isa("auto")
+        results.append(state[0][0].view(torch.int16))
+    assert torch.equal(*results)
+    assert results[0][where[:2]].tolist() == ([0x7E00, -512] if dtype == torch.float16 else [0x7FC0, 0x7FC0])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
