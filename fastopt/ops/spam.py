@@ -88,13 +88,13 @@ def stable_spam_step(
     m_maxes: list[torch.Tensor],
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    gamma1: float,
-    gamma2: float,
-    gamma3: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    gamma1: float | torch.Tensor,
+    gamma2: float | torch.Tensor,
+    gamma3: float | torch.Tensor,
     scale: float = 1.0,
     reset: bool = False,
     compat: str | None = None,
@@ -105,7 +105,8 @@ def stable_spam_step(
     """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
     and gamma1); ``reset`` says whether this step resets the moments; ``compat="official"`` reproduces the
-    official code's quirks (ALGORITHMS.md §3 (a), (b))."""
+    official code's quirks (ALGORITHMS.md §3 (a), (b)). The Triton backend keeps 0-d tensor hyperparameters on the
+    device; the others read them on the host."""
     if compat not in COMPAT:
         raise ValueError(f"stable_spam_step: compat must be one of {COMPAT}, got {compat!r}")
     if not params:
@@ -115,6 +116,8 @@ def stable_spam_step(
               gamma3=gamma3, scale=scale, reset=reset, official=compat == "official", grad_scale=grad_scale,
               found_inf=found_inf)
     stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
+    if backend != "triton":
+        hp = _host_numbers(hp, "beta1", "beta2", "eps", "weight_decay", "gamma1", "gamma2", "gamma3")
     if backend == "reference":
         _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, **hp)
     elif backend == "cpu":
@@ -136,10 +139,10 @@ def spam_step(
     steps: list[torch.Tensor],
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
     threshold: float,
     scale: float = 1.0,
     reset: bool = False,
@@ -149,12 +152,15 @@ def spam_step(
     backend: str | None = None,
 ) -> None:
     """One SPAM step for tensors on one device. ``steps`` (t) are float32 0-d counters. ``scale`` is s, ``reset``
-    whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step."""
+    whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step. Tensor
+    hyperparameters as in stable_spam_step."""
     if not params:
         return
     backend = resolve(backend, params[0].device)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=threshold, scale=scale,
               reset=reset, clip=clip, grad_scale=grad_scale, found_inf=found_inf)
+    if backend != "triton":
+        hp = _host_numbers(hp, "beta1", "beta2", "eps", "weight_decay")
     if backend == "reference":
         _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hp)
     elif backend == "cpu":
@@ -169,6 +175,11 @@ def spam_step(
 
 
 # ---- fused implementations -------------------------------------------------------------------------------------
+def _host_numbers(hp: dict, *names: str) -> dict:
+    """hp with the named 0-d tensors read as numbers (for the backends whose math takes host scalars)."""
+    return dict(hp, **{k: float(hp[k]) for k in names if isinstance(hp[k], torch.Tensor)})
+
+
 def _by_storage(moments: list) -> list[tuple[list[int], int]]:
     """Tensor indices grouped by how their moments are stored: bits 0 (float tensors), 4 or 8."""
     bits = [m.fmt.bits if isinstance(m, Quantized) else 0 for m in moments]

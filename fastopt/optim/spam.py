@@ -35,8 +35,7 @@ class _SpamBase(FusedOptimizer):
 
     def _common(self, device: torch.device, hp: dict, grad_scale, found_inf) -> dict:
         beta1, beta2 = hp["betas"]
-        return dict(lr=hp["lr"], beta1=as_float(beta1), beta2=as_float(beta2), eps=as_float(hp["eps"]),
-                    weight_decay=as_float(hp["weight_decay"]),
+        return dict(lr=hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
                     grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                     found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
 
@@ -52,6 +51,8 @@ class StableSPAM(_SpamBase):
     Any of ``lr``, each beta, ``eps``, ``weight_decay``, the gammas and ``update_proj_gap`` may be a float, a 0-d
     tensor or a schedule (``sched(k)`` at the k-th step(), from 0; a schedule on β1 or γ1 is multiplied by s too,
     and ``update_proj_gap`` must take whole values: a reset happens when T is a multiple of its current value).
+    On a GPU, tensor lr, betas, eps, weight decay and gammas stay on the device; a tensor ``update_proj_gap`` is
+    read on the host at each step, since it decides which kernels run.
 
     ``compat="official"`` reproduces the authors' code (TianjinYellow/StableSPAM) step for step, quirks included.
     The default, ``compat=None``, fixes two of them:
@@ -109,8 +110,8 @@ class StableSPAM(_SpamBase):
             scalars = lambda key: [self.state[p][key] for p in ps]  # noqa: E731
             stable_spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
                              scalars("step"), scalars("stats_step"), scalars("m_norm"), scalars("v_norm"),
-                             scalars("m_max"), gamma1=as_float(hp["gamma1"]), gamma2=as_float(hp["gamma2"]),
-                             gamma3=as_float(hp["gamma3"]), scale=s, reset=reset, compat=hp["compat"],
+                             scalars("m_max"), gamma1=hp["gamma1"], gamma2=hp["gamma2"],
+                             gamma3=hp["gamma3"], scale=s, reset=reset, compat=hp["compat"],
                              backend=backend, **self._common(device, hp, grad_scale, found_inf))
 
 

@@ -259,26 +259,47 @@ def test_step_does_not_read_tensor_hyperparameters(case, monkeypatch):
     train(net, opt, batches(2))
 
 
-def test_triton_step_never_reads_tensor_hyperparameters(monkeypatch):
-    """AdamW on the Triton backend with lr, betas, eps and weight decay as 0-d tensors: nothing is read back to the
-    host during step() (on a GPU, each read would wait for the device)."""
-    net = model()
+TENSOR_HP_CASES = {  # optimizer, its tensor-valued hyperparameters beyond lr, betas, eps, weight decay, options
+    "AdamW": (fastopt.AdamW, (), {}),
+    "AdamW 4-bit": (fastopt.AdamW, (), dict(state_bits=4, min_quant_size=0)),
+    "StableSPAM": (fastopt.StableSPAM, ("gamma1", "gamma2", "gamma3"), dict(update_proj_gap=2, total_T=5)),
+    "StableSPAM 8-bit official": (fastopt.StableSPAM, ("gamma1", "gamma2", "gamma3"),
+                                  dict(update_proj_gap=2, compat="official", state_bits=8, min_quant_size=0)),
+    "SPAM 4-bit": (fastopt.SPAM, (), dict(DeltaT=2, warmup_steps=1, grad_accu_steps=0, threshold=2.0,
+                                          state_bits=4, min_quant_size=0)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) in numpy
+@pytest.mark.parametrize("case", TENSOR_HP_CASES)
+def test_triton_step_never_reads_tensor_hyperparameters(case, monkeypatch):
+    """On the Triton backend, lr, betas, eps, weight decay (and Stable-SPAM's gammas) as 0-d tensors: nothing is
+    read back to the host during step() (on a GPU, each read would wait for the device), and the steps (with
+    momentum resets) match the same optimizer given the numbers."""
+    cls, extra, options = TENSOR_HP_CASES[case]
+    numbers = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, **{k: v for k, v in
+                   dict(gamma1=0.7, gamma2=0.9, gamma3=0.999).items() if k in extra})
     t = torch.tensor
-    opt = fastopt.AdamW(net.parameters(), lr=t(1e-2), betas=(t(0.9), t(0.99)), eps=t(1e-8), weight_decay=t(0.1),
-                        backend="triton")
-    start = flat(net)
+    tensors = {k: tuple(t(b) for b in v) if k == "betas" else t(v) for k, v in numbers.items()}
+    nets = model(), model()
+    with_numbers = cls(nets[0].parameters(), **numbers, **options, backend="triton")
+    with_tensors = cls(nets[1].parameters(), **tensors, **options, backend="triton")
+    start = flat(nets[1])
 
     def no_reads(self, *args):
         raise AssertionError("step() read a tensor on the host")
 
-    for x, y in batches(2):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        monkeypatch.setattr(torch.Tensor, "item", no_reads)
-        monkeypatch.setattr(torch.Tensor, "__float__", no_reads)
-        opt.step()
-        monkeypatch.undo()
-    assert (flat(net) - start).norm() > 0
+    for x, y in batches(3):
+        for net, opt in zip(nets, (with_numbers, with_tensors)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            if opt is with_tensors:
+                monkeypatch.setattr(torch.Tensor, "item", no_reads)
+                monkeypatch.setattr(torch.Tensor, "__float__", no_reads)
+            opt.step()
+            monkeypatch.undo()
+    assert (flat(nets[1]) - start).norm() > 0
+    torch.testing.assert_close(flat(nets[1]), flat(nets[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_backend_argument_is_checked():

@@ -112,15 +112,22 @@ def advance_steps(steps, found_inf):
     return found_inf
 
 
-def device_hyperparameters(device, beta1, beta2, eps, weight_decay):
-    """(hp, numbers): hp = [β1, β2, eps, weight decay] as a float32 device tensor when any of them is a tensor
-    (built on the device: no host read, no blocking copy), else None; numbers: what the launch passes by value."""
-    values = (beta1, beta2, eps, weight_decay)
+def device_values(device, *values):
+    """(hp, numbers): hp holds the values as a float32 device tensor when any of them is a tensor (built on the
+    device: no host read, no blocking copy), else None; numbers: what the launch passes by value (0.0 with hp)."""
     if not any(isinstance(x, torch.Tensor) for x in values):
-        return None, (*values, _log(beta1), _log(beta2))
+        return None, tuple(float(x) for x in values)
     hp = torch.stack([x.to(device=device, dtype=torch.float32, non_blocking=True) if isinstance(x, torch.Tensor)
                       else torch.full((), x, dtype=torch.float32, device=device) for x in values])
-    return hp, (0.0,) * 6
+    return hp, (0.0,) * len(values)
+
+
+def device_hyperparameters(device, beta1, beta2, eps, weight_decay):
+    """device_values of [β1, β2, eps, weight decay] (adam_hyperparameters' layout); the numbers also carry the
+    betas' logs."""
+    hp, numbers = device_values(device, beta1, beta2, eps, weight_decay)
+    logs = (0.0, 0.0) if hp is not None else (_log(numbers[0]), _log(numbers[1]))
+    return hp, (*numbers, *logs)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

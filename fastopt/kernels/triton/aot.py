@@ -94,8 +94,9 @@ SPAM_MODES = {
 
 def spam_variants():
     """Stable-SPAM's reductions, and the update of both algorithms: every mode with fp32 params and moments and
-    4-bit moments; the common modes with the other dtype pairs and 8-bit moments (LR_IS_TENSOR, grad_scale and
-    found_inf on)."""
+    4-bit moments, the common modes with the other dtype pairs and 8-bit moments, all with every flag on
+    (LR_IS_TENSOR, grad_scale, found_inf, HP_IS_TENSOR); and the stats kernels and the common fp32 modes with every
+    flag off."""
     for dtype, clipped in itertools.product(("fp32", "bf16", "fp16"), (False, True)):
         constexprs = {"HAS_GRAD_SCALE": True, "CLIPPED": clipped, "BLOCK": spam.PARTIAL_BLOCK}
         signature = {"g_ptr": f"*{dtype}", "grad_scale_ptr": "*fp32", "maxes_ptr": "*fp32", "sums_ptr": "*fp32",
@@ -106,34 +107,41 @@ def spam_variants():
              ("adagn_stats", spam.adagn_kernel, ["sums_ptr", "u_ptr", "step_ptr", "m_norm_ptr", "v_norm_ptr"],
               ["gamma1", "one_minus_gamma1", "log_gamma1", "gamma2", "one_minus_gamma2", "log_gamma2", "eps"],
               {"RESET": True})]
-    for name, fn, pointers, floats, flags in stats:  # signatures in the kernels' argument order
-        constexprs = {**flags, "HAS_FOUND_INF": True, "R": spam.STATS_BLOCK}
-        signature = {**{k: "*fp32" for k in pointers + ["work_ptr", "found_inf_ptr"]}, "num_blocks": "i64",
-                     **{k: "fp32" for k in floats}, **{k: "constexpr" for k in constexprs}}
-        yield name, fn, "fp32", "reset" if flags else "-", signature, constexprs
+    for (name, fn, pointers, floats, flags), on in itertools.product(stats, (True, False)):
+        constexprs = {**flags, "HAS_FOUND_INF": on, "HP_IS_TENSOR": on, "R": spam.STATS_BLOCK}
+        signature = {**{k: "*fp32" for k in pointers + ["work_ptr", "found_inf_ptr", "hp_ptr"]},  # argument order
+                     "num_blocks": "i64", **{k: "fp32" for k in floats}, **{k: "constexpr" for k in constexprs}}
+        yield name, fn, "fp32", ("reset, " if flags else "") + ("all on" if on else "all off"), signature, constexprs
 
     common_modes = ["stable", "stable off. reset", "spam clip"]
     scalars = {"step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-               "work_ptr": "*fp32", "n": "i64", **{k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2",
-                                                                      "eps", "weight_decay", "threshold", "scale"]}}
-    flags = {"LR_IS_TENSOR": True, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True}
-    plain = [("fp32", "fp32", mode) for mode in SPAM_MODES] + [
-        (param, state, mode) for (param, state) in [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")]
-        for mode in common_modes]
-    for param, state, mode in plain:
-        constexprs = {**SPAM_MODES[mode], **flags, "BLOCK": adam.BLOCK}
+               "work_ptr": "*fp32", "hp_ptr": "*fp32", "n": "i64",
+               **{k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay",
+                                      "threshold", "scale"]}}
+    flag_names = ["LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HP_IS_TENSOR"]
+
+    def flags(mode, on):
+        return {**SPAM_MODES[mode], **{k: on for k in flag_names}}, mode + ("" if on else ", all off")
+
+    plain = [("fp32", "fp32", mode, True) for mode in SPAM_MODES] + [
+        (param, state, mode, True) for (param, state) in [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")]
+        for mode in common_modes] + [("fp32", "fp32", mode, False) for mode in common_modes]
+    for param, state, mode, on in plain:
+        constexprs, label = flags(mode, on)
+        constexprs["BLOCK"] = adam.BLOCK
         signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
                      **scalars, **{k: "constexpr" for k in constexprs}}
-        yield "spam_update", spam.spam_kernel, f"{param}/{state}", mode, signature, constexprs
-    quantized = [("fp32", 4, mode) for mode in SPAM_MODES] + [
-        (param, bits, mode) for (param, bits) in [("bf16", 4), ("fp32", 8), ("bf16", 8)] for mode in common_modes]
-    for param, bits, mode in quantized:
-        constexprs = {**SPAM_MODES[mode], **flags, "BITS": bits, "QBLOCK": 128 if bits == 4 else 256,
-                      "NB": quant.blocks_per_program(bits)}
+        yield "spam_update", spam.spam_kernel, f"{param}/{state}", label, signature, constexprs
+    quantized = [("fp32", 4, mode, True) for mode in SPAM_MODES] + [
+        (param, bits, mode, True) for (param, bits) in [("bf16", 4), ("fp32", 8), ("bf16", 8)]
+        for mode in common_modes] + [("fp32", 4, mode, False) for mode in common_modes]
+    for param, bits, mode, on in quantized:
+        constexprs, label = flags(mode, on)
+        constexprs.update(BITS=bits, QBLOCK=128 if bits == 4 else 256, NB=quant.blocks_per_program(bits))
         signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32", "vc_ptr": "*u8",
                      "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32", **scalars,
                      **{k: "constexpr" for k in constexprs}}
-        yield "spam_update_quantized", spam.spam_quantized_kernel, f"{param}/{bits}-bit", mode, signature, constexprs
+        yield "spam_update_quantized", spam.spam_quantized_kernel, f"{param}/{bits}-bit", label, signature, constexprs
 
 
 def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Variant:
@@ -166,9 +174,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:
-        print(f"{'kernel':21} {'sm':>3} {'dtypes':12} {'flags':18} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
+        print(f"{'kernel':21} {'sm':>3} {'dtypes':12} {'flags':26} {'ok':3} {'ld.v4':>5} {'st.v4':>5} {'spills':>6}")
         for r in results:
-            print(f"{r.kernel:21} {r.arch:>3} {r.dtypes:12} {r.flags:18} {'yes' if r.ok else 'NO':3} "
+            print(f"{r.kernel:21} {r.arch:>3} {r.dtypes:12} {r.flags:26} {'yes' if r.ok else 'NO':3} "
                   f"{r.v4_loads:>5} {r.v4_stores:>5} {r.spills:>6}  {r.error}")
     return 0 if all(r.ok for r in results) else 1
 

@@ -15,7 +15,8 @@ waits for the host. Per tensor, with g = grad / grad_scale:
 Reductions run in a fixed order, without atomics: a resumed run repeats a step bit for bit. Counters advance on the
 device by 1 − found_inf (adam.advance_steps); a nonzero found_inf masks every other store of statistics, counters,
 moments and params. As in adam.py, hyperparameters are runtime arguments and constexprs only select code (moment
-storage, reset mode, SPAM's clipping on or off).
+storage, reset mode, SPAM's clipping on or off). When any of β1, β2, eps, weight decay or the gammas is a tensor,
+all of them come from one device tensor laid out as HP_LAYOUT (HP_IS_TENSOR): nothing is read on the host.
 
 Bytes moved per parameter (the floor on any GPU):
   update (both algorithms): read p, g, m, v, write p, m, v — fp32 params and moments 28; bf16 both 14; bf16 params
@@ -32,10 +33,12 @@ import triton
 import triton.language as tl
 
 from fastopt.kernels.triton._common import store_rounded
-from fastopt.kernels.triton.adam import BLOCK, NUM_WARPS, _log, adam_moments, adam_param, advance_steps, step_scalars
+from fastopt.kernels.triton.adam import (BLOCK, NUM_WARPS, _log, adam_hyperparameters, adam_moments, adam_param,
+                                         advance_steps, device_values, step_scalars)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
 from fastopt.quant.formats import Quantized
 
+HP_LAYOUT = ("beta1·s", "beta2", "eps", "weight_decay", "gamma1·s", "gamma2", "gamma3")  # adam_hyperparameters' 4 first
 PARTIAL_BLOCK = 4096  # gradient elements per workspace entry
 STATS_BLOCK = 1024    # workspace entries a stats program reads at once
 
@@ -116,9 +119,13 @@ def partials_kernel(g_ptr, grad_scale_ptr, maxes_ptr, sums_ptr, work_ptr, n, HAS
 
 
 @triton.jit
-def adaclip_kernel(maxes_ptr, u_ptr, m_max_ptr, work_ptr, found_inf_ptr, num_blocks, theta, one_minus_theta,
-                   log_theta, HAS_FOUND_INF: tl.constexpr, R: tl.constexpr):
+def adaclip_kernel(maxes_ptr, u_ptr, m_max_ptr, work_ptr, found_inf_ptr, hp_ptr, num_blocks, theta, one_minus_theta,
+                   log_theta, HAS_FOUND_INF: tl.constexpr, HP_IS_TENSOR: tl.constexpr, R: tl.constexpr):
     """One program: M, the running max m_max, AdaClip's threshold thr and thr/M (into the workspace)."""
+    if HP_IS_TENSOR:
+        theta = tl.load(hp_ptr + 6)
+        one_minus_theta = 1.0 - theta
+        log_theta = tl.log(theta.to(tl.float64))
     maxes = tl.zeros([R], tl.float32)
     for start in range(0, num_blocks, R):
         idx = start + tl.arange(0, R)
@@ -137,10 +144,15 @@ def adaclip_kernel(maxes_ptr, u_ptr, m_max_ptr, work_ptr, found_inf_ptr, num_blo
 
 
 @triton.jit
-def adagn_kernel(sums_ptr, u_ptr, step_ptr, m_norm_ptr, v_norm_ptr, work_ptr, found_inf_ptr, num_blocks, gamma1,
-                 one_minus_gamma1, log_gamma1, gamma2, one_minus_gamma2, log_gamma2, eps, RESET: tl.constexpr,
-                 HAS_FOUND_INF: tl.constexpr, R: tl.constexpr):
+def adagn_kernel(sums_ptr, u_ptr, step_ptr, m_norm_ptr, v_norm_ptr, work_ptr, found_inf_ptr, hp_ptr, num_blocks,
+                 gamma1, one_minus_gamma1, log_gamma1, gamma2, one_minus_gamma2, log_gamma2, eps, RESET: tl.constexpr,
+                 HAS_FOUND_INF: tl.constexpr, HP_IS_TENSOR: tl.constexpr, R: tl.constexpr):
     """One program: the clipped norm n, the running norm statistics, AdaGN's factor c/n; t ← 1 on a reset."""
+    if HP_IS_TENSOR:
+        eps = tl.load(hp_ptr + 2)
+        gamma1, gamma2 = tl.load(hp_ptr + 4).to(tl.float64), tl.load(hp_ptr + 5).to(tl.float64)
+        one_minus_gamma1, one_minus_gamma2 = 1.0 - gamma1, 1.0 - gamma2
+        log_gamma1, log_gamma2 = tl.log(gamma1), tl.log(gamma2)
     sums = tl.zeros([R], tl.float64)  # a float32 sum of many blocks would drift by ~1e-5
     for start in range(0, num_blocks, R):
         idx = start + tl.arange(0, R)
@@ -161,12 +173,15 @@ def adagn_kernel(sums_ptr, u_ptr, step_ptr, m_norm_ptr, v_norm_ptr, work_ptr, fo
 
 # ---- the fused updates ---------------------------------------------------------------------------------------------
 @triton.jit
-def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, work_ptr, n, lr, beta1,
-                beta2, log_beta1, log_beta2, eps, weight_decay, threshold, scale, STABLE: tl.constexpr,
+def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, work_ptr, hp_ptr, n, lr,
+                beta1, beta2, log_beta1, log_beta2, eps, weight_decay, threshold, scale, STABLE: tl.constexpr,
                 CLIP: tl.constexpr, ZERO_OLD: tl.constexpr, STORE_ZEROS: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HP_IS_TENSOR: tl.constexpr,
+                BLOCK: tl.constexpr):
     """ZERO_OLD: a reset this update sees (old moments are 0, not read). STORE_ZEROS: Stable-SPAM's official reset
     (the update uses the old moments; zeros are stored)."""
+    beta1, beta2, eps, weight_decay, log_beta1, log_beta2 = adam_hyperparameters(
+        beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -191,12 +206,14 @@ def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, grad_scale_ptr, fo
 
 @triton.jit
 def spam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_ptr, v_map_ptr, step_ptr, lr_ptr,
-                          grad_scale_ptr, found_inf_ptr, work_ptr, n, lr, beta1, beta2, log_beta1, log_beta2, eps,
-                          weight_decay, threshold, scale, STABLE: tl.constexpr, CLIP: tl.constexpr,
+                          grad_scale_ptr, found_inf_ptr, work_ptr, hp_ptr, n, lr, beta1, beta2, log_beta1, log_beta2,
+                          eps, weight_decay, threshold, scale, STABLE: tl.constexpr, CLIP: tl.constexpr,
                           ZERO_OLD: tl.constexpr, STORE_ZEROS: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-                          HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BITS: tl.constexpr,
-                          QBLOCK: tl.constexpr, NB: tl.constexpr):
+                          HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HP_IS_TENSOR: tl.constexpr,
+                          BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
     """spam_kernel on block-quantized moments, over NB whole quantization blocks (as adam_quantized_kernel)."""
+    beta1, beta2, eps, weight_decay, log_beta1, log_beta2 = adam_hyperparameters(
+        beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
     n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
                                                              log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
     rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
@@ -220,17 +237,19 @@ def spam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_pt
 
 
 # ---- launchers ------------------------------------------------------------------------------------------------------
-def _update(p, g, m, v, step, work, *, lr, beta1, beta2, eps, weight_decay, threshold, scale, grad_scale, found_inf,
-            **flags) -> None:
-    """One update kernel launch for one tensor, its moments plain or quantized."""
+def _update(p, g, m, v, step, work, hp, *, lr, beta1, beta2, eps, weight_decay, threshold, scale, grad_scale,
+            found_inf, **flags) -> None:
+    """One update kernel launch for one tensor, its moments plain or quantized. hp: the device hyperparameters
+    (HP_LAYOUT), or None and beta1 … weight_decay are numbers."""
     n, any_ptr = p.numel(), step  # any_ptr stands in for the pointers a mode does not read
     lr_is_tensor = isinstance(lr, torch.Tensor)
+    logs = (0.0, 0.0) if hp is not None else (_log(beta1), _log(beta2))
     tail = (step, lr if lr_is_tensor else any_ptr, any_ptr if grad_scale is None else grad_scale,
-            any_ptr if found_inf is None else found_inf, any_ptr if work is None else work, n,
-            0.0 if lr_is_tensor else float(lr), beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, threshold,
-            scale)
+            any_ptr if found_inf is None else found_inf, any_ptr if work is None else work,
+            any_ptr if hp is None else hp, n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, *logs, eps,
+            weight_decay, threshold, scale)
     flags.update(LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None,
-                 HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
+                 HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None, num_warps=NUM_WARPS)
     if isinstance(m, Quantized):
         fmt, nb = m.fmt, blocks_per_program(m.fmt.bits)
         spam_quantized_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](
@@ -245,7 +264,8 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
                      found_inf=None) -> None:
     """Five launches per tensor (see the module docstring). See fastopt.ops.spam.stable_spam_step."""
     found_inf = advance_steps(steps + stats_steps, found_inf)
-    b1, g1 = beta1 * scale, gamma1 * scale
+    hp, (b1, beta2, eps, weight_decay, g1, gamma2, gamma3) = device_values(
+        steps[0].device, beta1 * scale, beta2, eps, weight_decay, gamma1 * scale, gamma2, gamma3)
     for i, p in enumerate(params):
         n = p.numel()
         num_blocks = triton.cdiv(n, PARTIAL_BLOCK)
@@ -254,7 +274,8 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
         maxes, sums = work[4:4 + width], work[4 + width:]
         u = steps[i] if official else stats_steps[i]  # official: AdaClip/AdaGN use Adam's t (quirk (b))
         fi = steps[i] if found_inf is None else found_inf
-        has = dict(HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
+        hp_ptr = steps[i] if hp is None else hp
+        has = dict(HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None, num_warps=NUM_WARPS)
 
         def partials(clipped):
             partials_kernel[(num_blocks,)](grads[i], steps[i] if grad_scale is None else grad_scale, maxes, sums,
@@ -262,12 +283,12 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
                                            BLOCK=PARTIAL_BLOCK, num_warps=NUM_WARPS)
 
         partials(False)
-        adaclip_kernel[(1,)](maxes, u, m_maxes[i], work, fi, num_blocks, gamma3, 1 - gamma3, _log(gamma3),
+        adaclip_kernel[(1,)](maxes, u, m_maxes[i], work, fi, hp_ptr, num_blocks, gamma3, 1 - gamma3, _log(gamma3),
                              R=STATS_BLOCK, **has)
         partials(True)
-        adagn_kernel[(1,)](sums, u, steps[i], m_norms[i], v_norms[i], work, fi, num_blocks, g1, 1 - g1, _log(g1),
-                           gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset, R=STATS_BLOCK, **has)
-        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], work, lr=lr, beta1=b1, beta2=beta2, eps=eps,
+        adagn_kernel[(1,)](sums, u, steps[i], m_norms[i], v_norms[i], work, fi, hp_ptr, num_blocks, g1, 1 - g1,
+                           _log(g1), gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset, R=STATS_BLOCK, **has)
+        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], work, hp, lr=lr, beta1=b1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, threshold=0.0, scale=1.0, grad_scale=grad_scale, found_inf=found_inf,
                 STABLE=True, CLIP=False, ZERO_OLD=reset and not official, STORE_ZEROS=reset and official)
 
@@ -276,7 +297,8 @@ def spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, 
               reset, clip, grad_scale=None, found_inf=None) -> None:
     """One update launch per tensor. See fastopt.ops.spam.spam_step."""
     found_inf = advance_steps(steps, found_inf)
+    hp, (beta1, beta2, eps, weight_decay) = device_values(steps[0].device, beta1, beta2, eps, weight_decay)
     for i, p in enumerate(params):
-        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], None, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, threshold=threshold, scale=scale, grad_scale=grad_scale,
+        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], None, hp, lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay, threshold=threshold, scale=scale, grad_scale=grad_scale,
                 found_inf=found_inf, STABLE=False, CLIP=clip, ZERO_OLD=reset, STORE_ZEROS=False)
