@@ -12,7 +12,8 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512vbmi = 3 };  // a
 Isa best_isa();                 // widest ISA this CPU (and OS) supports
 const char* isa_name(Isa isa);
 
-// Per-tensor constants of one Adam step, folded on the host in double and handed over as fp32.
+// Per-tensor constants of one Adam step, folded on the host in double and handed over as fp32 (and what one call
+// of a kernel should prefetch).
 struct AdamConsts {
   float grad_mul;      // 1/grad_scale, negated when maximizing
   float l2;            // Adam's coupled weight decay: g += l2 * p
@@ -29,6 +30,10 @@ struct AdamConsts {
   float post_decay = 1.0f;    // SPAM's weight decay after the update: p *= post_decay
   bool keep_old = true;       // false: the old moments count as zero (a reset that acts on this step)
   bool keep_new = true;       // false: store zeros instead of the new moments (Stable-SPAM's official late reset)
+  // Bytes a quantized-moment kernel prefetches as it goes, spread evenly over its pass (Warmer): Stable-SPAM's next
+  // gradient slice to reduce, whose memory traffic then hides under the compute-bound update. Only a hint.
+  const char* warm = nullptr;
+  int64_t warm_bytes = 0;
 };
 
 // One pass over n elements: reads p, g, m, v (and vmax), writes p, m, v (and vmax).

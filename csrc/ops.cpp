@@ -241,17 +241,17 @@ struct Encoders {
   }
 };
 
-// The fused pass over one chunk (tensor i, elements [off, off + len)) with tensor i's AdamConsts, taming the
+// The fused pass over one chunk (tensor i, elements [off, off + len)) with tensor i's AdamConsts k, taming the
 // gradient as `tame` says. Chunks of quantized moments start on block boundaries.
-void update_chunk(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<AdamConsts>& consts,
-                  int64_t i, int64_t off, int64_t len) {
+void update_chunk(const MomentArgs& a, const Encoders& encoders, Tame tame, const AdamConsts& k, int64_t i,
+                  int64_t off, int64_t len) {
   const Isa isa = current_isa();
   auto at_ = [off](const at::Tensor& t) { return static_cast<char*>(t.data_ptr()) + off * t.element_size(); };
   if (a.bits == 0) {
     const bool amsgrad = !a.vmax.empty();
     adam_kernel(isa, dtype_of(a.params[i], "params"), dtype_of(a.m[i], "exp_avgs"), amsgrad, tame)(
         at_(a.params[i]), at_(a.grads[i]), at_(a.m[i]), at_(a.v[i]), amsgrad ? at_(a.vmax[i]) : nullptr, len,
-        consts[i]);
+        k);
     return;
   }
   const int bits = int(a.bits), block = block_size(bits);
@@ -262,13 +262,15 @@ void update_chunk(const MomentArgs& a, const Encoders& encoders, Tame tame, cons
   };
   adam_quantized_kernel(isa, dtype_of(a.params[i], "params"), bits, tame)(
       at_(a.params[i]), at_(a.grads[i]), state(a.m[i], a.m_scales[i], *a.m_map, encoders.m),
-      state(a.v[i], a.v_scales[i], *a.v_map, encoders.v), len, consts[i]);
+      state(a.v[i], a.v_scales[i], *a.v_map, encoders.v), len, k);
 }
 
 // The fused pass over every chunk of the tensors whose entry in `sizes` is not 0.
 void fused_update(const MomentArgs& a, const Encoders& encoders, Tame tame, const std::vector<int64_t>& sizes,
                   const std::vector<AdamConsts>& consts) {
-  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) { update_chunk(a, encoders, tame, consts, i, off, len); });
+  for_each_chunk(sizes, [&](int64_t i, int64_t off, int64_t len) {
+    update_chunk(a, encoders, tame, consts[i], i, off, len);
+  });
 }
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -322,9 +324,11 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
   std::vector<AdamConsts> consts(n);
 
   // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger). The first reduction
-  // of the next group runs inside the update pass of this one, interleaved chunk by chunk: the update (above all
-  // with low-bit moments) is compute-bound and the reduction memory-bound, so the two hide each other, and the
-  // update of the next group then re-reads gradients that the reduction has just brought into the cache.
+  // of the next group runs inside the update pass of this one. With low-bit moments the update is compute-bound
+  // and the reduction memory-bound: each thread reduces a slice of the next group's gradient right after updating
+  // a chunk that prefetched the slice as it went (AdamConsts::warm), so the update hides the reduction's memory
+  // traffic. The update of the next group then re-reads gradients that the reduction has just brought into the
+  // cache.
   constexpr int64_t kGroupBytes = int64_t(8) << 20;
   std::vector<std::vector<int64_t>> groups;  // per group: the element count of its tensors, 0 for the others
   for (int64_t lo = 0, hi = 0; lo < n; lo = hi) {
@@ -416,15 +420,40 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     // This group's update, with the next group's first reduction spread evenly among its chunks. Chunks with
     // nothing to clip (most of them) skip AdaClip's per-element test.
     Stats next(group + 1 < groups.size() ? groups[group + 1] : std::vector<int64_t>(n, 0));
-    const int64_t U = int64_t(chunks.size()), R = int64_t(next.chunks.size()), total = U + R;
-    parallel_each(total, [&](int64_t k) {
-      const int64_t reductions_before = k * R / total;  // slot k is a reduction when this count steps up
-      if ((k + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
-      const int64_t u = k - reductions_before;
+    const int64_t U = int64_t(chunks.size()), R = int64_t(next.chunks.size());
+    auto update = [&](int64_t u, const AdamConsts& k) {
       const Chunk& c = chunks[u];
-      const Tame tame = stats.max[u] <= consts[c.tensor].clip_thr ? Tame::normalize : Tame::clip_normalize;
-      update_chunk(a, encoders, tame, consts, c.tensor, c.begin, c.end - c.begin);
-    });
+      const Tame tame = stats.max[u] <= k.clip_thr ? Tame::normalize : Tame::clip_normalize;
+      update_chunk(a, encoders, tame, k, c.tensor, c.begin, c.end - c.begin);
+    };
+    if (a.bits != 0) {
+      // Quantized moments (a compute-bound update): update chunk u prefetches reduction chunks [r_begin, r_end)
+      // (those of r_begin's tensor: contiguous), and the same thread then reduces them from its cache.
+      parallel_each(U, [&](int64_t u) {
+        const int64_t r_begin = (u * R + U - 1) / U, r_end = ((u + 1) * R + U - 1) / U;
+        AdamConsts k = consts[chunks[u].tensor];
+        if (r_begin < r_end) {
+          const Chunk& first = next.chunks[r_begin];
+          int64_t last = r_begin;
+          while (last + 1 < r_end && next.chunks[last + 1].tensor == first.tensor) ++last;
+          const at::Tensor& g = grads[first.tensor];
+          k.warm = static_cast<const char*>(g.data_ptr()) + first.begin * g.element_size();
+          k.warm_bytes = (next.chunks[last].end - first.begin) * g.element_size();
+        }
+        update(u, k);
+        for (int64_t r = r_begin; r < r_end; ++r) reduce(next, r, INFINITY, 1.0f);
+      });
+    } else {
+      // Float moments (a memory-bound update, nothing to hide under): reductions and updates as separate slots,
+      // evenly interleaved (2-3% faster here than the prefetching order, measured at 110M).
+      const int64_t total = U + R;
+      parallel_each(total, [&](int64_t slot) {
+        const int64_t reductions_before = slot * R / total;  // slot is a reduction when this count steps up
+        if ((slot + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
+        const int64_t u = slot - reductions_before;
+        update(u, consts[chunks[u].tensor]);
+      });
+    }
     stats = std::move(next);
   }
 }
