@@ -94,10 +94,10 @@ def test_bad_lists_raise_naming_the_argument():
 @pytest.mark.parametrize("storage", [torch.float32, 4, 8], ids=["fp32", "4bit", "8bit"])
 def test_many_tensors_in_one_call(storage):
     """Tensors are reduced and updated in groups of about 8 MB of gradient: sizes below, across and above that, so
-    that a group's update carries the next group's reduction whether that has fewer or more chunks, and across a
-    tensor boundary. With quantized moments the update prefetches the slices the same thread then reduces (a
-    different order): the statistics, which come from the gradients alone, must match as tightly."""
-    sizes = [1000, 3_000_000, 5, 1_500_000, 700_001, 100]
+    that a group's update carries the next group's reduction whether that has fewer chunks (with quantized moments:
+    each update prefetches one that its thread then reduces), more, or when this group has none (an empty tensor
+    alone). The statistics, which come from the gradients alone, must match as tightly at every storage."""
+    sizes = [0, 3_000_000, 1000, 2_500_000, 5, 1_500_000, 700_001, 100]
     results = []
     for backend in ("cpu", "reference"):
         gen = torch.Generator().manual_seed(3)
@@ -121,8 +121,9 @@ def test_many_tensors_in_one_call(storage):
 @pytest.mark.parametrize("kind", ["normal", "equal magnitudes"])
 def test_gradient_norm_is_accurate(cpu_isa, kind):
     """The reduction sums squares in float runs of a few per lane, then in double: over a million elements the norm
-    AdaGN sees (m_norm = (1 − γ1)·‖g‖ after the first step, nothing clipped) is float64's to within m_norm's own
-    float32 rounding. Equal magnitudes are where long float sums drift (by ~2e-5 here)."""
+    AdaGN sees (m_norm = (1 − γ1)·‖g‖ after the first step) is float64's to within m_norm's own float32 rounding
+    (6e-8) and AdaClip's threshold (M, up to rounding: at most a 1-ulp clip). Equal magnitudes are where long float
+    sums drift (by ~2e-5 here, were the runs long)."""
     n = 1_000_003
     g = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 3
     if kind == "equal magnitudes":
@@ -131,7 +132,7 @@ def test_gradient_norm_is_accurate(cpu_isa, kind):
     stable_spam_step([torch.zeros(n)], [g], *[[x] for x in moments(n, torch.float32)], *counters, **STABLE,
                      backend="cpu")
     m_norm, m_max = counters[2][0].item(), counters[4][0].item()
-    assert m_norm / (1 - STABLE["gamma1"]) == pytest.approx(g.double().norm().item(), rel=1e-7)
+    assert m_norm / (1 - STABLE["gamma1"]) == pytest.approx(g.double().norm().item(), rel=3e-7)
     assert m_max == pytest.approx((1 - STABLE["gamma3"]) * g.abs().max().item(), rel=1e-7)
 
 

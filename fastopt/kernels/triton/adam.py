@@ -114,7 +114,8 @@ def advance_steps(steps, found_inf):
 
 def device_values(device, *values):
     """(hp, numbers): hp holds the values as a float32 device tensor when any of them is a tensor (built on the
-    device: no host read, no blocking copy), else None; numbers: what the launch passes by value (0.0 with hp)."""
+    device: no host read, no blocking copy), else None; numbers: what the launch passes by value (0.0 with hp).
+    With hp, the kernels derive 1 − β and log β from float32 values, as they would from a float32 tensor."""
     if not any(isinstance(x, torch.Tensor) for x in values):
         return None, tuple(float(x) for x in values)
     hp = torch.stack([x.to(device=device, dtype=torch.float32, non_blocking=True) if isinstance(x, torch.Tensor)
