@@ -427,26 +427,27 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
       const Tame tame = stats.max[u] <= k.clip_thr ? Tame::normalize : Tame::clip_normalize;
       update_chunk(a, encoders, tame, k, c.tensor, c.begin, c.end - c.begin);
     };
-    if (a.bits != 0 && R <= U) {
-      // Quantized moments (a compute-bound update): update chunk u prefetches reduction chunk r (if it has one:
-      // u = ceil(r·U/R) spreads them evenly), and the same thread then reduces it from its cache.
+    if (a.bits != 0 && R <= 2 * U) {
+      // Quantized moments (a compute-bound update): update chunk u prefetches reduction chunks [r_begin, r_end)
+      // (at most two, spread evenly; those of r_begin's tensor, which are contiguous), and the same thread then
+      // reduces them from its cache.
       parallel_each(U, [&](int64_t u) {
-        const int64_t r = (u * R + U - 1) / U;
-        const bool paired = r < ((u + 1) * R + U - 1) / U;
+        const int64_t r_begin = (u * R + U - 1) / U, r_end = ((u + 1) * R + U - 1) / U;
         AdamConsts k = consts[chunks[u].tensor];
-        if (paired) {
-          const Chunk& c = next.chunks[r];
-          const at::Tensor& g = grads[c.tensor];
-          k.warm = static_cast<const char*>(g.data_ptr()) + c.begin * g.element_size();
-          k.warm_bytes = (c.end - c.begin) * g.element_size();
+        if (r_begin < r_end) {
+          const Chunk& first = next.chunks[r_begin];
+          const Chunk& last = next.chunks[next.chunks[r_end - 1].tensor == first.tensor ? r_end - 1 : r_begin];
+          const at::Tensor& g = grads[first.tensor];
+          k.warm = static_cast<const char*>(g.data_ptr()) + first.begin * g.element_size();
+          k.warm_bytes = (last.end - first.begin) * g.element_size();
         }
         update(u, k);
-        if (paired) reduce(next, r, INFINITY, 1.0f);
+        for (int64_t r = r_begin; r < r_end; ++r) reduce(next, r, INFINITY, 1.0f);
       });
     } else {
-      // Float moments (a memory-bound update, nothing to hide under; 2-3% faster in this order at 110M), or more
-      // reductions than updates (pairing would pile them onto few threads): reductions and updates as separate
-      // slots, evenly interleaved.
+      // Float moments (a memory-bound update, nothing to hide under; 2-3% faster in this order at 110M), or many
+      // more reductions than updates (pairing would pile them onto few threads, or none: a group without chunks):
+      // reductions and updates as separate slots, evenly interleaved.
       const int64_t total = U + R;
       parallel_each(total, [&](int64_t slot) {
         const int64_t reductions_before = slot * R / total;  // slot is a reduction when this count steps up
