@@ -2,9 +2,10 @@
 
 Hyperparameters are runtime arguments (Triton does not specialize on float values), so schedules never
 recompile; constexprs only select code. Tensor hyperparameters stay on the device: lr by pointer, and β1, β2, eps
-and weight decay, when any of them is a tensor, from one 4-element device tensor (``device_hyperparameters``). Bias corrections are computed in the kernel from the on-device
-step count, in float64, so nothing is read back to the host. With GradScaler's ``found_inf`` set, steps
-are incremented by 1 − found_inf and the kernel masks out every store: no host synchronization.
+and weight decay, when any of them is a tensor, from one 4-element device tensor (``device_hyperparameters``).
+Bias corrections are computed in the kernel from the on-device step count, in float64, so nothing is read back to
+the host. With GradScaler's ``found_inf`` set, steps are incremented by 1 − found_inf and the kernel masks out every
+store: no host synchronization.
 
 Bytes moved per parameter (the floor on any GPU): read p, g, m, v and write p, m, v —
 fp32 params and states: 28; bf16 params and states: 14; bf16 params, fp32 states: 20; +2·state bytes with amsgrad.
@@ -112,23 +113,18 @@ def advance_steps(steps, found_inf):
     return found_inf
 
 
-def device_values(device, *values):
-    """(hp, numbers): hp holds the values as a float32 device tensor when any of them is a tensor (built on the
-    device: no host read, no blocking copy), else None; numbers: what the launch passes by value (0.0 with hp).
-    With hp, the kernels derive 1 − β and log β from float32 values, as they would from a float32 tensor."""
+def device_hyperparameters(device, beta1, beta2, eps, weight_decay, *extra):
+    """(hp, numbers). hp = [β1, β2, eps, weight decay, *extra] (adam_hyperparameters' layout, then a kernel's own)
+    as a float32 device tensor when any of them is a tensor (built on the device: no host read, no blocking copy),
+    else None; with hp the kernels derive 1 − β and log β from those float32 values. numbers: what the launch passes
+    by value, (β1, β2, eps, weight decay, log β1, log β2, *extra), all 0.0 with hp."""
+    values = (beta1, beta2, eps, weight_decay, *extra)
     if not any(isinstance(x, torch.Tensor) for x in values):
-        return None, tuple(float(x) for x in values)
+        beta1, beta2, eps, weight_decay, *extra = (float(x) for x in values)
+        return None, (beta1, beta2, eps, weight_decay, _log(beta1), _log(beta2), *extra)
     hp = torch.stack([x.to(device=device, dtype=torch.float32, non_blocking=True) if isinstance(x, torch.Tensor)
                       else torch.full((), x, dtype=torch.float32, device=device) for x in values])
-    return hp, (0.0,) * len(values)
-
-
-def device_hyperparameters(device, beta1, beta2, eps, weight_decay):
-    """device_values of [β1, β2, eps, weight decay] (adam_hyperparameters' layout); the numbers also carry the
-    betas' logs."""
-    hp, numbers = device_values(device, beta1, beta2, eps, weight_decay)
-    logs = (0.0, 0.0) if hp is not None else (_log(numbers[0]), _log(numbers[1]))
-    return hp, (*numbers, *logs)
+    return hp, (0.0,) * (len(values) + 2)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

@@ -34,11 +34,12 @@ import triton.language as tl
 
 from fastopt.kernels.triton._common import store_rounded
 from fastopt.kernels.triton.adam import (BLOCK, NUM_WARPS, _log, adam_hyperparameters, adam_moments, adam_param,
-                                         advance_steps, device_values, step_scalars)
+                                         advance_steps, device_hyperparameters, step_scalars)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
 from fastopt.quant.formats import Quantized
 
-HP_LAYOUT = ("beta1·s", "beta2", "eps", "weight_decay", "gamma1·s", "gamma2", "gamma3")  # adam_hyperparameters' 4 first
+# The device hyperparameters (device_hyperparameters: adam_hyperparameters' four, then the gammas)
+HP_LAYOUT = ("beta1·s", "beta2", "eps", "weight_decay", "gamma1·s", "gamma2", "gamma3")
 PARTIAL_BLOCK = 4096  # gradient elements per workspace entry
 STATS_BLOCK = 1024    # workspace entries a stats program reads at once
 
@@ -237,17 +238,16 @@ def spam_quantized_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_pt
 
 
 # ---- launchers ------------------------------------------------------------------------------------------------------
-def _update(p, g, m, v, step, work, hp, *, lr, beta1, beta2, eps, weight_decay, threshold, scale, grad_scale,
-            found_inf, **flags) -> None:
+def _update(p, g, m, v, step, work, hp, *, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, threshold,
+            scale, grad_scale, found_inf, **flags) -> None:
     """One update kernel launch for one tensor, its moments plain or quantized. hp: the device hyperparameters
-    (HP_LAYOUT), or None and beta1 … weight_decay are numbers."""
+    (HP_LAYOUT), or None and beta1 … weight_decay are numbers (device_hyperparameters)."""
     n, any_ptr = p.numel(), step  # any_ptr stands in for the pointers a mode does not read
     lr_is_tensor = isinstance(lr, torch.Tensor)
-    logs = (0.0, 0.0) if hp is not None else (_log(beta1), _log(beta2))
     tail = (step, lr if lr_is_tensor else any_ptr, any_ptr if grad_scale is None else grad_scale,
             any_ptr if found_inf is None else found_inf, any_ptr if work is None else work,
-            any_ptr if hp is None else hp, n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, *logs, eps,
-            weight_decay, threshold, scale)
+            any_ptr if hp is None else hp, n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, log_beta1,
+            log_beta2, eps, weight_decay, threshold, scale)
     flags.update(LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None,
                  HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None, num_warps=NUM_WARPS)
     if isinstance(m, Quantized):
@@ -264,7 +264,7 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
                      found_inf=None) -> None:
     """Five launches per tensor (see the module docstring). See fastopt.ops.spam.stable_spam_step."""
     found_inf = advance_steps(steps + stats_steps, found_inf)
-    hp, (b1, beta2, eps, weight_decay, g1, gamma2, gamma3) = device_values(
+    hp, (b1, beta2, eps, weight_decay, log_b1, log_beta2, g1, gamma2, gamma3) = device_hyperparameters(
         steps[0].device, beta1 * scale, beta2, eps, weight_decay, gamma1 * scale, gamma2, gamma3)
     for i, p in enumerate(params):
         n = p.numel()
@@ -288,17 +288,20 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
         partials(True)
         adagn_kernel[(1,)](sums, u, steps[i], m_norms[i], v_norms[i], work, fi, hp_ptr, num_blocks, g1, 1 - g1,
                            _log(g1), gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset, R=STATS_BLOCK, **has)
-        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], work, hp, lr=lr, beta1=b1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, threshold=0.0, scale=1.0, grad_scale=grad_scale, found_inf=found_inf,
-                STABLE=True, CLIP=False, ZERO_OLD=reset and not official, STORE_ZEROS=reset and official)
+        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], work, hp, lr=lr, beta1=b1, beta2=beta2,
+                log_beta1=log_b1, log_beta2=log_beta2, eps=eps, weight_decay=weight_decay, threshold=0.0, scale=1.0,
+                grad_scale=grad_scale, found_inf=found_inf, STABLE=True, CLIP=False,
+                ZERO_OLD=reset and not official, STORE_ZEROS=reset and official)
 
 
 def spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, threshold, scale,
               reset, clip, grad_scale=None, found_inf=None) -> None:
     """One update launch per tensor. See fastopt.ops.spam.spam_step."""
     found_inf = advance_steps(steps, found_inf)
-    hp, (beta1, beta2, eps, weight_decay) = device_values(steps[0].device, beta1, beta2, eps, weight_decay)
+    hp, (beta1, beta2, eps, weight_decay, log_beta1, log_beta2) = device_hyperparameters(
+        steps[0].device, beta1, beta2, eps, weight_decay)
     for i, p in enumerate(params):
         _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], None, hp, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay, threshold=threshold, scale=scale, grad_scale=grad_scale,
-                found_inf=found_inf, STABLE=False, CLIP=clip, ZERO_OLD=reset, STORE_ZEROS=False)
+                log_beta1=log_beta1, log_beta2=log_beta2, eps=eps, weight_decay=weight_decay, threshold=threshold,
+                scale=scale, grad_scale=grad_scale, found_inf=found_inf, STABLE=False, CLIP=clip, ZERO_OLD=reset,
+                STORE_ZEROS=False)
