@@ -367,9 +367,8 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
       tensor_max[chunks[c].tensor] = f32_to_bits(stats.max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
                                          ? stats.max[c] : tensor_max[chunks[c].tensor];
     std::vector<double> u(n);
-    std::vector<int64_t> members;  // empty tensors too: their counters and statistics advance as the others'
-    for (int64_t i = bounds[group]; i < bounds[group + 1]; ++i) members.push_back(i);
-    for (int64_t i : members) {
+    const int64_t first = bounds[group], end = bounds[group + 1];  // empty tensors too: their counters advance
+    for (int64_t i = first; i < end; ++i) {
       float& t = *steps[i].data_ptr<float>();
       float& stats_t = *stats_steps[i].data_ptr<float>();
       t += 1.0f;
@@ -393,7 +392,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
     for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += stats.sum[c];
 
     // AdaGN and the Adam constants per tensor.
-    for (int64_t i : members) {
+    for (int64_t i = first; i < end; ++i) {
       const double norm = std::sqrt(sumsq[i]);
       float& m_norm = *m_norms[i].data_ptr<float>();
       float& v_norm = *v_norms[i].data_ptr<float>();
