@@ -1,5 +1,6 @@
 """Test-wide setup. Triton kernels run in Triton's interpreter on CPU tensors (no GPU here); the flag must be
 set before any kernel is defined. The AOT compile test runs in a subprocess without it."""
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,12 +25,21 @@ def cpu_isas() -> list[str]:
     return order[: order.index(best) + 1]
 
 
+@contextlib.contextmanager
+def on_cpu_isa(isa: str):
+    """Runs the block with the CPU kernels of `isa`, restoring the automatic choice afterwards."""
+    torch.ops.fastopt.set_cpu_isa(isa)
+    try:
+        yield isa
+    finally:
+        torch.ops.fastopt.set_cpu_isa("auto")
+
+
 @pytest.fixture
 def cpu_isa(request):
     """Sets the CPU kernels' ISA for one test, restoring the automatic choice afterwards."""
-    torch.ops.fastopt.set_cpu_isa(request.param)
-    yield request.param
-    torch.ops.fastopt.set_cpu_isa("auto")
+    with on_cpu_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import torch
 
 from fastopt.ops import adam_step
 from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, Quantized, encode
-from tests.conftest import cpu_isas
+from tests.conftest import cpu_isas, on_cpu_isa
 
 BACKENDS = [("cpu", isa) for isa in cpu_isas()] + [("triton", None)]
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8}
@@ -83,13 +83,10 @@ def test_avx512_computes_the_same_bits_as_avx2(isa, bits, dtype, n):
     results = []
     for chosen in (isa, "avx2"):
         state = [p.clone()], None, [clone(m)], [clone(v)], [], [torch.tensor(0.0)]
-        torch.ops.fastopt.set_cpu_isa(chosen)
-        try:
+        with on_cpu_isa(chosen):
             for g in grads:
                 adam_step(state[0], [g], *state[2:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                           decoupled=True, backend="cpu")
-        finally:
-            torch.ops.fastopt.set_cpu_isa("auto")
         results.append([state[0][0], state[2][0].codes, state[2][0].scales, state[3][0].codes, state[3][0].scales])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -115,12 +112,9 @@ def test_16bit_param_specials_round_as_avx2(isa, bits, dtype):
     results = []
     for chosen in (isa, "avx2"):
         state = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(0.0)]
-        torch.ops.fastopt.set_cpu_isa(chosen)
-        try:
+        with on_cpu_isa(chosen):
             adam_step(*state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True,
                       backend="cpu")
-        finally:
-            torch.ops.fastopt.set_cpu_isa("auto")
         results.append(state[0][0].view(torch.int16))
     assert torch.equal(*results)
     assert results[0][where[:2]].tolist() == ([0x7E00, -512] if dtype == torch.float16 else [0x7FC0, 0x7FC0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastopt.ops.spam import spam_step, stable_spam_step
-from tests.conftest import ODD_SIZES, cpu_isas
+from tests.conftest import ODD_SIZES, cpu_isas, on_cpu_isa
 from tests.ops.spam_trajectories import SPAM, STABLE, check_close, moments, trajectory
 
 CASES = [(n, torch.float32, torch.float32) for n in ODD_SIZES] + [
@@ -44,11 +44,8 @@ def test_avx512_computes_the_same_bits_as_avx2(algo, compat, dtype, storage, n, 
     x86-64 build has no FMA, so it rounds some products separately: it is held to the reference's tolerance.)"""
     results = []
     for chosen in (isa, "avx2"):
-        torch.ops.fastopt.set_cpu_isa(chosen)
-        try:
+        with on_cpu_isa(chosen):
             param, _, _, counters, (m, v) = trajectory(algo, "cpu", n, dtype, storage, compat)
-        finally:
-            torch.ops.fastopt.set_cpu_isa("auto")
         results.append(([param, m.codes, m.scales, v.codes, v.scales], counters))
     (got, got_counters), (want, want_counters) = results
     assert got_counters == want_counters
