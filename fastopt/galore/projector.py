@@ -1,4 +1,4 @@
-"""GaLore projectors as pure functions on tensors (ALGORITHMS.md §5; Zhao et al. 2024).
+"""GaLore projectors as pure functions on tensors (docs/algorithms.md#galore; Zhao et al. 2024).
 
 A projection of an m×n gradient G keeps a rank-r subspace on one side, the other, or both:
 
@@ -23,6 +23,8 @@ min(m, n), as galore-torch's SVD slices are. Projectors come from one of three r
 from __future__ import annotations
 
 import torch
+
+from fastopt.ops.common import compute_dtype
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 POWER_ITERATIONS = 2  # randomized refresh: rounds of Y = orth(G·Q), Z = Gᵀ·Y
@@ -86,10 +88,6 @@ def captured_energy(grad: torch.Tensor, left: torch.Tensor | None, right: torch.
     return float(r.square().sum() / g.square().sum())
 
 
-def _compute_dtype(grad: torch.Tensor) -> torch.dtype:
-    return torch.float64 if grad.dtype == torch.float64 else torch.float32
-
-
 def svd_projectors(grad: torch.Tensor, rank: int, keep: tuple[bool, bool]) -> Projectors:
     """galore-torch's projectors: U[:, :r] and Vh[:r] of the thin SVD of G in float32, cast to G's dtype."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
@@ -114,7 +112,7 @@ def randomized_projectors(grad: torch.Tensor, rank: int, keep: tuple[bool, bool]
     matrix, 2·iters − 1 QRs and one SVD of n×k, against an SVD of the whole of G."""
     left, right = keep
     transpose = left and not right  # track the kept side as the right side of Gᵀ
-    g = grad.to(_compute_dtype(grad))
+    g = grad.to(compute_dtype(grad))
     g = g.T if transpose else g
     warm = previous[1] if not transpose else None if previous[0] is None else previous[0].T  # rows of the old basis
     m, n = g.shape
@@ -143,7 +141,7 @@ def random_projectors(shape: tuple[int, int], rank: int, keep: tuple[bool, bool]
     (Gaussian draws from a generator seeded with it, orthonormalized by QR; the left factor is drawn first)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     r = effective_rank(shape, rank)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dtype)
     draw = lambda rows: _orthonormal(  # noqa: E731
         torch.randn(rows, r, generator=generator, device=device, dtype=compute)).to(dtype)
     left, right = keep

@@ -1,4 +1,4 @@
-"""The Adam / AdamW step (ALGORITHMS.md §1) over lists of tensors, in place, with three implementations
+"""The Adam / AdamW step (docs/algorithms.md#adamw-and-adam) over lists of tensors, in place, with three implementations
 that agree: ``reference`` (pure torch, the ground truth), ``cpu`` (C++, torch.ops.fastopt.adam_step) and
 ``triton``. Each increments ``steps`` and then updates; when ``found_inf`` (GradScaler) is nonzero the
 whole step, step counts included, is skipped.
@@ -15,6 +15,7 @@ import math
 import torch
 
 from fastopt.ops._backends import resolve, run_contiguous
+from fastopt.ops.common import compute_dtype
 from fastopt.quant.formats import Quantized
 
 
@@ -108,7 +109,7 @@ def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         return
     amsgrad = len(max_exp_avg_sqs) > 0
     for i, p in enumerate(params):
-        compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(p)
         steps[i] += 1
         t = steps[i].item()
         param, grad = p.to(compute), grads[i].to(compute)

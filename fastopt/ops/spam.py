@@ -1,4 +1,5 @@
-"""The Stable-SPAM step (ALGORITHMS.md §3) and the SPAM step (§4) over lists of tensors, in place.
+"""The Stable-SPAM step (docs/algorithms.md#stable-spam) and the SPAM step
+(docs/algorithms.md#spam) over lists of tensors, in place.
 
 Three implementations that agree: ``reference`` (pure torch; float32 math, float64 for float64 tensors), ``cpu``
 (C++: torch.ops.fastopt.stable_spam_step / spam_step) and ``triton`` (fastopt/kernels/triton/spam.py). What is global to a
@@ -37,9 +38,8 @@ import math
 import torch
 
 from fastopt.ops._backends import resolve, run_contiguous
+from fastopt.ops.common import check_compat, compute_dtype
 from fastopt.quant.formats import Quantized
-
-COMPAT = (None, "official")
 
 
 # ---- what is global to a step --------------------------------------------------------------------------------
@@ -105,10 +105,9 @@ def stable_spam_step(
     """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
     and gamma1); ``reset`` says whether this step resets the moments; ``compat="official"`` reproduces the
-    official code's quirks (ALGORITHMS.md §3 (a), (b)). The Triton backend keeps 0-d tensor hyperparameters on the
+    official code's quirks (docs/algorithms.md#stable-spam-quirks (a), (b)). The Triton backend keeps 0-d tensor hyperparameters on the
     device; the others read them on the host."""
-    if compat not in COMPAT:
-        raise ValueError(f"stable_spam_step: compat must be one of {COMPAT}, got {compat!r}")
+    check_compat("stable_spam_step", compat)
     if not params:
         return
     backend = resolve(backend, params[0].device)
@@ -205,10 +204,6 @@ def _run_triton(fn, params, grads, exp_avgs, exp_avg_sqs, counters, hp) -> None:
 
 
 # ---- reference implementation --------------------------------------------------------------------------------
-def _compute_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 def _bias_correction(beta: float, t: torch.Tensor) -> torch.Tensor:
     """1 − beta^t as a float64 0-d tensor (1 − 0.999 in float32 would be off by 1e-5 relative)."""
     return 1 - beta ** t.double()
@@ -254,7 +249,7 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
         return
     b1, g1 = beta1 * scale, gamma1 * scale
     for i, p in enumerate(params):
-        compute = _compute_dtype(p)
+        compute = compute_dtype(p)
         param, g = p.to(compute), _grad(p, grads[i], grad_scale, compute)
         param = param * (1 - lr * weight_decay)
         steps[i] += 1
@@ -302,7 +297,7 @@ def _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, b
     if _skipped(found_inf):
         return
     for i, p in enumerate(params):
-        compute = _compute_dtype(p)
+        compute = compute_dtype(p)
         param, g = p.to(compute), _grad(p, grads[i], grad_scale, compute)
         if reset:
             _zero(exp_avgs[i])

@@ -1,4 +1,4 @@
-"""Block-quantized formats for optimizer moments (ALGORITHMS.md §2; Dettmers et al. 2021, Li et al. 2023).
+"""Block-quantized formats for optimizer moments (docs/algorithms.md#low-bit-optimizer-states; Dettmers et al. 2021, Li et al. 2023).
 
 A moment of n elements is cut into blocks of B; each block stores one fp32 scale (its max |x|) and one code per
 element: ``x = qmap[code] · scale``. Codes are the nearest map entry to ``x / scale`` found as torchao and

@@ -1,4 +1,4 @@
-"""The schedule catalog (ALGORITHMS.md section 6).
+"""The schedule catalog (docs/algorithms.md#catalog).
 
 Units: `total`, `checkpoints` and `stages` are whole numbers of steps. A length inside a schedule (`warmup`,
 `decay`, `cooldown`, `anneal`, `period`) is an int number of steps or a float fraction of the schedule's total

@@ -1,4 +1,4 @@
-"""Stable-SPAM and SPAM against re-statements of ALGORITHMS.md §3 and §4 written here, independently of fastopt's
+"""Stable-SPAM and SPAM against re-statements of docs/algorithms.md#stable-spam and #spam written here, independently of fastopt's
 code: plain per-tensor loops in float64 over python numbers and torch ops, run on fixed gradient sequences with
 spikes (x50), weight decay, an all-zero gradient, and several momentum resets. Then the corrected Stable-SPAM mode
 against the official one: equal before the first reset, different exactly where the quirks are."""
@@ -33,10 +33,10 @@ def initial_params(seed=1):
     return [0.5 * torch.randn(shape, generator=g, dtype=torch.float64) for shape in SHAPES]
 
 
-# ---- re-statements of the papers' code (ALGORITHMS.md), float64 ------------------------------------------------
+# ---- re-statements of the papers' code (docs/algorithms.md), float64 ------------------------------------------------
 def stable_spam_restated(grads_seq, *, lr, betas, eps, weight_decay, gamma1, gamma2, gamma3, update_proj_gap, total_T,
                          eta_min, corrected=False):
-    """ALGORITHMS.md §3 step by step; ``corrected`` applies the two fixes of fastopt's default mode (the reset acts on
+    """docs/algorithms.md#stable-spam-step, step by step; ``corrected`` applies the two fixes of fastopt's default mode (the reset acts on
     its own step; AdaClip/AdaGN use their own never-reset counter). Returns the params after every step and the
     final per-tensor states."""
     params = initial_params()
@@ -81,7 +81,7 @@ def stable_spam_restated(grads_seq, *, lr, betas, eps, weight_decay, gamma1, gam
 
 
 def spam_restated(grads_seq, *, lr, betas, eps, weight_decay, warmup_steps, threshold, DeltaT, grad_accu_steps):
-    """ALGORITHMS.md §4 step by step (ΔT = 0: no resets). Returns the params after every step, the update scale s
+    """docs/algorithms.md#spam, step by step (ΔT = 0: no resets). Returns the params after every step, the update scale s
     of every step, and the final per-tensor states."""
     params = initial_params()
     states = [dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in params]

@@ -1,4 +1,4 @@
-"""Each catalog schedule against its formula (ALGORITHMS.md §6), against transformers and torch where they define
+"""Each catalog schedule against its formula (docs/algorithms.md#catalog), against transformers and torch where they define
 the same schedule, and its validation errors."""
 
 import math

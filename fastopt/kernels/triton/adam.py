@@ -1,4 +1,4 @@
-"""Triton Adam/AdamW step: the kernel and its launcher (math: fastopt/ops/adam.py, ALGORITHMS.md §1).
+"""Triton Adam/AdamW step: the kernel and its launcher (math: fastopt/ops/adam.py, docs/algorithms.md#adamw-and-adam).
 
 Hyperparameters are runtime arguments (Triton does not specialize on float values), so schedules never
 recompile; constexprs only select code. Tensor hyperparameters stay on the device: lr by pointer, and β1, β2, eps

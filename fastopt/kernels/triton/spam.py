@@ -1,4 +1,4 @@
-"""Triton Stable-SPAM and SPAM steps: kernels and launchers (math: fastopt/ops/spam.py, ALGORITHMS.md §3-4).
+"""Triton Stable-SPAM and SPAM steps: kernels and launchers (math: fastopt/ops/spam.py, docs/algorithms.md#stable-spam, #spam).
 
 SPAM needs nothing global: one fused pass per tensor. Stable-SPAM needs two reductions of the gradient before its
 update (max|g| for AdaClip, then the norm of the clipped gradient for AdaGN); they run on the device, so a step never
