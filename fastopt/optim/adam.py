@@ -1,11 +1,11 @@
 """fastopt.Adam and fastopt.AdamW: drop-in torch.optim.Adam / AdamW (same arguments, state keys and state_dict
-layout; ``step`` is a float32 0-d tensor) on fused kernels. Math: fastopt/ops/adam.py, ALGORITHMS.md §1."""
+layout; ``step`` is a float32 0-d tensor) on fused kernels. Math: fastopt/ops/adam.py, docs/algorithms.md#adamw-and-adam."""
 from __future__ import annotations
 
 import torch
 
 from fastopt.ops import adam_step
-from fastopt.optim.base import FusedOptimizer, check_range
+from fastopt.optim.base import FusedOptimizer, check_adam_hyperparameters
 
 
 class Adam(FusedOptimizer):
@@ -30,24 +30,15 @@ class Adam(FusedOptimizer):
                         state_bits=state_bits, min_quant_size=min_quant_size)
         super().__init__(params, defaults, backend=backend)
 
-    def __setstate__(self, state):  # also runs on load_state_dict: fill options a torch checkpoint may lack
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
-            group.setdefault("independent_weight_decay", False)
-            group.setdefault("state_bits", None)
-            group.setdefault("min_quant_size", 4096)
+    def _fill_missing_options(self, group: dict) -> None:
+        for key in ("amsgrad", "maximize", "independent_weight_decay", "state_bits", "min_quant_size"):
+            group.setdefault(key, self.defaults[key])
+        group.setdefault("decoupled_weight_decay", self.defaults["decoupled_weight_decay"])
 
     def _check_hyperparameters(self, hp: dict) -> None:
         if hp.get("independent_weight_decay") and not hp.get("decoupled_weight_decay"):
             raise ValueError(f"{self._name}: independent_weight_decay=True needs decoupled weight decay (AdamW)")
-        check_range(self._name, "lr", hp["lr"], 0.0)
-        check_range(self._name, "eps", hp["eps"], 0.0)
-        check_range(self._name, "weight_decay", hp["weight_decay"], 0.0)
-        for i, beta in enumerate(hp["betas"]):
-            check_range(self._name, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_adam_hyperparameters(self._name, hp)
 
     def _galore_weight_decay(self, group: dict, hp: dict):
         """GaLore params: coupled decay enters the gradient before the projection; independent decay is wd itself."""
@@ -87,12 +78,6 @@ class AdamW(Adam):
                          decoupled_weight_decay=True, independent_weight_decay=independent_weight_decay,
                          state_bits=state_bits, min_quant_size=min_quant_size, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
-
-
-def as_float(value) -> float:
-    """A hyperparameter as a plain number for host-side math (a 0-d tensor is read: on a GPU, a sync)."""
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+    def _fill_missing_options(self, group: dict) -> None:
+        super()._fill_missing_options(group)
+        group["decoupled_weight_decay"] = True

@@ -2,31 +2,25 @@
 
 It owns: param groups and their validation; hyperparameters that are floats, 0-d tensors or schedules
 (any callable ``sched(step) -> float``, evaluated once per ``step()`` at the number of earlier ``step()``
-calls); lazy state init; a state_dict that holds only tensors, numbers, strings, lists and dicts;
-GradScaler's fused protocol (``grad_scale`` / ``found_inf``); and the choice of backend per device.
+calls); lazy state init; how moments are stored (``state_bits``); GradScaler's fused protocol (``grad_scale`` /
+``found_inf``); and the choice of backend per device. Two jobs live in their own modules and are called from here
+through one method each: the state_dict and its conversions (fastopt/optim/checkpoint.py) and GaLore's stepping
+(fastopt/galore/step.py, reached through the narrow ``Host`` interface that this class implements).
 
-It also owns how moments are stored (``state_bits``): in the param's dtype (None, as torch), fp32 (32),
-bf16 (16), or block-quantized 8-/4-bit codes + fp32 scales (fastopt.quant) for tensors of at least
-``min_quant_size`` elements; a quantized moment ``name`` is stored as ``name_codes`` and ``name_scales``.
-
-It also owns GaLore (fastopt.galore; ALGORITHMS.md §5) for every optimizer: the 2-D params of a group with a
-``rank`` are optimized in a low-rank subspace of their gradient. For each such param, step() refreshes the projector
-when due, projects the gradient (R = Lᵀ·G·Rtᵀ, a matmul), and runs the optimizer's own ``_update`` on a *shadow*:
-a zero tensor of R's shape whose grad is R and whose state is the param's state (low-rank moments), with weight
-decay 0. So every optimizer, backend and state_bits works on the low-rank moments unchanged. The shadow then holds
-the update −lr·N, which one BLAS call (addmm) scales by α and adds to the param, weight decay folded into it
-(where each optimizer applies it: ``_galore_weight_decay``). Moment sizes, quantization and state_dict checks
-follow the low-rank shape (``_moment_like``). GradScaler: an optimizer with a GaLore group takes torch's standard
-protocol (GradScaler unscales the grads and skips step() on inf), so that a skipped step leaves the projectors and
-their schedule untouched, as with galore-torch.
+Moments are stored in the param's dtype (state_bits None, as torch), fp32 (32), bf16 (16), or block-quantized
+8-/4-bit codes + fp32 scales (fastopt.quant) for tensors of at least ``min_quant_size`` elements; a quantized
+moment ``name`` is stored as ``name_codes`` and ``name_scales``. A GaLore param's moments are low-rank
+(``_moment_like``): sizes, quantization and state_dict checks follow the low-rank shape. GradScaler: an optimizer
+with a GaLore group takes torch's standard protocol (GradScaler unscales the grads and skips step() on inf), so
+that a skipped step leaves the projectors and their schedule untouched, as with galore-torch.
 
 A subclass names its schedulable ``hyperparameters`` and its moments (``_moment_names``), and defines
 ``_check_hyperparameters`` (errors that name the argument) and ``_update`` (one step for one group,
-through ``fastopt.ops``); ``_init_state`` may add more state (scalars: a GaLore param's moments are low-rank).
+through ``fastopt.ops``); ``_init_state`` may add more state, ``_fill_missing_options`` the defaults of options
+that a checkpoint (e.g. torch's) may lack, and ``_galore_weight_decay`` where weight decay reaches a GaLore param.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from typing import Any, Callable
@@ -35,22 +29,15 @@ import torch
 
 from fastopt.galore import policy as galore
 from fastopt.galore import projector as galore_proj
+from fastopt.galore.step import GaLoreStepper
 from fastopt.ops import _backends
+from fastopt.ops.common import as_number
+from fastopt.optim import checkpoint
+from fastopt.optim.checkpoint import is_schedule
 from fastopt.quant import formats as quant
 
-# Where a schedule stands in a state_dict: {SCHEDULE_KEY: spec} (or {SCHEDULE_KEY: None} when the
-# callable has no to_dict(); loading then keeps the schedule the optimizer was built with).
-SCHEDULE_KEY = "__schedule__"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
 STATE_BITS = (None, 32, 16, 8, 4)  # None: moments in the param's dtype (torch's behaviour)
-# How this optimizer stores its state: kept on load_state_dict (a checkpoint's state is converted to it),
-# unlike hyperparameters, which the checkpoint sets as in torch.
-STORAGE_OPTIONS = ("state_bits", "min_quant_size")
-HOST_STATE_KEYS = ("param_shape",) + galore.HOST_KEYS  # state tensors that stay on the CPU
-
-
-def is_schedule(value: Any) -> bool:
-    return callable(value) and not isinstance(value, torch.Tensor)
 
 
 def resolve(value: Any, step: int) -> float | torch.Tensor:
@@ -60,11 +47,6 @@ def resolve(value: Any, step: int) -> float | torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     return float(value)
-
-
-def as_number(value: float | torch.Tensor) -> float:
-    """For validation only (host-side, outside step()): a 0-d tensor's value."""
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def check_range(owner: str, name: str, value: float | torch.Tensor, low: float, high: float = math.inf,
@@ -83,6 +65,15 @@ def check_range(owner: str, name: str, value: float | torch.Tensor, low: float, 
         raise ValueError(f"{owner}: {name} must be {interval}, got {x}")
 
 
+def check_adam_hyperparameters(owner: str, hp: dict) -> None:
+    """lr, eps and weight decay >= 0, each beta in [0, 1): what every Adam-based optimizer checks."""
+    check_range(owner, "lr", hp["lr"], 0.0)
+    check_range(owner, "eps", hp["eps"], 0.0)
+    check_range(owner, "weight_decay", hp["weight_decay"], 0.0)
+    for i, beta in enumerate(hp["betas"]):
+        check_range(owner, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     hyperparameters: tuple[str, ...] = ()  # group options that may be schedules or 0-d tensors
 
@@ -90,8 +81,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _backends.check_backend(backend)
         self.backend = backend
         self._step_count = 0  # step() calls so far; schedules are evaluated at this index
-        self._galore_cache: dict = {}  # param -> (seed, projectors) of refresh="random"; memory only, never saved
-        self._galore_buffers: dict = {}  # reused low-rank buffers of GaLore steps (see _scratch)
+        self._galore = GaLoreStepper()
         self._index: dict = {}  # param -> (group index, position among all params); rebuilt when a param is missing
         super().__init__(params, defaults)
 
@@ -236,12 +226,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             hp = self._hyperparameters(group, self._step_count, read_tensors=False)
             params = [p for p in group["params"] if p.grad is not None]
             for i, p in enumerate(params):
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{self._name}: sparse gradients are not supported "
-                                       f"(param_groups[{g}]['params'][{i}])")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"{self._name}: gradient of shape {tuple(p.grad.shape)} for a parameter of "
-                                       f"shape {tuple(p.shape)} (param_groups[{g}]['params'][{i}])")
+                self._check_grad(p, f"param_groups[{g}]['params'][{i}]")
             work.append((group, hp, params))
         for group, hp, params in work:
             self._step_params(group, hp, params, grad_scale, found_inf)
@@ -257,14 +242,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         g, position = self._locate(p)
         group = self.param_groups[g]
-        where = f"(param_groups[{g}], param at position {position})"
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{self._name}: sparse gradients are not supported {where}")
-        if p.grad.shape != p.shape:
-            raise RuntimeError(f"{self._name}: gradient of shape {tuple(p.grad.shape)} for a parameter of shape "
-                               f"{tuple(p.shape)} {where}")
+        self._check_grad(p, f"param_groups[{g}], param at position {position}")
         hp = self._hyperparameters(group, self._step_count, read_tensors=False)
         self._step_params(group, hp, [p], None, None)
+
+    def _check_grad(self, p: torch.Tensor, where: str) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{self._name}: sparse gradients are not supported ({where})")
+        if p.grad.shape != p.shape:
+            raise RuntimeError(f"{self._name}: gradient of shape {tuple(p.grad.shape)} for a parameter of shape "
+                               f"{tuple(p.shape)} ({where})")
 
     def _step_params(self, group: dict, hp: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
         for p in params:
@@ -276,7 +263,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(plain) < len(params):
             if grad_scale is not None or found_inf is not None:  # GradScaler unscales for us (see the docstring)
                 raise RuntimeError(f"{self._name}: GaLore groups take unscaled gradients (grad_scale/found_inf given)")
-            self._galore_step(group, hp, [p for p in params if galore.is_projected(p, group)])
+            self._galore.step(self, group, hp, [p for p in params if galore.is_projected(p, group)])
 
     def _locate(self, p: torch.Tensor) -> tuple[int, int]:
         """(index of p's group, p's position among all params in group order): positions place staggered refreshes
@@ -290,99 +277,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._name}: this parameter (shape {tuple(p.shape)}) is not in the optimizer")
         return self._index[p]
 
-    # ---- GaLore ---------------------------------------------------------------------------------
+    # ---- GaLore (fastopt/galore/step.py calls these: its Host interface) -------------------------------------
     def _galore_weight_decay(self, group: dict, hp: dict) -> tuple[str, float | torch.Tensor]:
         """How weight decay reaches a GaLore param (its low-rank step runs without it): ("before", rate):
         p ← p·(1 − rate) before the update, as AdamW (the default: rate = lr·weight_decay); ("after", rate): after it
         (galore-torch, SPAM); ("l2", wd): g ← g + wd·p before the projection (Adam's coupled decay)."""
         return "before", hp["lr"] * hp["weight_decay"]
 
-    def _galore_step(self, group: dict, hp: dict, params: list[torch.Tensor]) -> None:
-        """One step of GaLore params, one param at a time (so that two reused low-rank buffers serve them all: no
-        allocation, no page faults): refresh when due, R = project(G), the optimizer's own step on a low-rank shadow,
-        then p ← β·p + α·(L·U·Rt), the decay folded into β (one addmm)."""
-        gap = galore.gap_of(hp)
-        rule, rate = self._galore_weight_decay(group, hp)
-        l2 = rule == "l2" and not _is_zero(rate)
-        shadow_hp = {**hp, "weight_decay": 0.0}
-        for p in params:
-            state = self.state[p]
-            step = int(state["proj_step"])
-            position = self._locate(p)[1]
-            advance = True
-            if galore.refresh_due(step, gap, position, group["stagger"]):
-                grad = p.grad + rate * p if l2 else p.grad  # the gradient Adam's coupled decay sees
-                change = galore.refresh(p, grad, state, group, position, self._galore_cache)
-                advance = change is not None  # a skipped refresh (non-finite gradient) is retried next step
-                if change is not None and step > 0:
-                    self._carry_moments(p, group, state, change)
-            left, right = galore.projectors(p, state, group, self._galore_cache)
-            shape = galore_proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
-            low = galore_proj.project(p.grad, left, right, out=self._scratch("low", shape, p))
-            if l2:
-                low.add_(galore_proj.project(p, left, right) * rate)
-            shadow = self._scratch("shadow", shape, p).zero_()
-            shadow.grad = low
-            self.state[shadow] = state  # the same dict: the optimizer updates the param's low-rank moments
-            try:
-                self._update(group, shadow_hp, [shadow], None, None)
-            finally:
-                del self.state[shadow]
-                shadow.grad = None
-            self._apply_low_rank_update(p, shadow, left, right, group["scale"], rule, rate)
-            if advance:
-                state["proj_step"] += 1
+    def _position(self, p: torch.Tensor) -> int:
+        return self._locate(p)[1]
 
-    @staticmethod
-    def _apply_low_rank_update(p, update, left, right, scale, rule, rate) -> None:
-        """p ← p + α·(L·U·Rt) with the weight decay rule folded into addmm's β (a tensor rate, which the host must not
-        read, decays in a separate pass)."""
-        if rule == "l2" or _is_zero(rate):
-            galore_proj.project_back_(p, update, left, right, alpha=scale)
-        elif isinstance(rate, torch.Tensor):
-            if rule == "before":
-                p.mul_(1 - rate)
-            galore_proj.project_back_(p, update, left, right, alpha=scale)
-            if rule == "after":
-                p.mul_(1 - rate)
-        else:
-            keep = 1.0 - rate
-            galore_proj.project_back_(p, update, left, right, beta=keep, alpha=scale * (keep if rule == "after" else 1))
+    def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
+        self._update(group, hp, [shadow], None, None)
 
-    def _scratch(self, role: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """A reused low-rank buffer per (role, shape, dtype, device): memory only, never in the state."""
-        key = (role, shape, like.dtype, like.device)
-        buffer = self._galore_buffers.get(key)
-        if buffer is None:
-            buffer = self._galore_buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buffer
-
-    def _carry_moments(self, p: torch.Tensor, group: dict, state: dict, change: galore.Refresh) -> None:
-        """The low-rank moments when the subspace changes: kept as they are ("keep", galore-torch), zeroed with their
-        step count ("reset": the next step is a fresh bias-corrected one), or carried into the new basis
-        ("reproject": first moments m ← Mₗ·m·Mᵣ, second moments by the squared maps; see projector.reproject)."""
-        policy = group["moments"]
-        if policy == "keep":
-            return
-        like = self._moment_like(p, group)
-        if policy == "reset":  # on a device, "changed" is a 0-d bool tensor: zero by multiplying, without a host read
-            unchanged = None if change.changed is True else ~change.changed
-            tensors = [state["step"]]
-            for name, signed in self._moment_names(group):
-                moment = self._stored_moment(state, like, group, name, signed)
-                tensors += [moment.codes, moment.scales] if isinstance(moment, quant.Quantized) else [moment]
-            for t in tensors:
-                t.zero_() if unchanged is None else t.mul_(unchanged.to(t.dtype))
-            return
-        basis = galore_proj.change_of_basis(change.old, change.new)
-        for name, signed in self._moment_names(group):
-            moment = self._stored_moment(state, like, group, name, signed)
-            if isinstance(moment, quant.Quantized):
-                values = moment.dequantize(like.numel()).view(like.shape)
-                moment.assign(galore_proj.reproject(values, basis, squared=not signed))
-            else:
-                compute = torch.float64 if moment.dtype == torch.float64 else torch.float32
-                moment.copy_(galore_proj.reproject(moment.to(compute), basis, squared=not signed))
+    def _stored_moments(self, state: dict, like: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
+        return [(self._stored_moment(state, like, group, name, signed), signed)
+                for name, signed in self._moment_names(group)]
 
     def _backend_for(self, p: torch.Tensor) -> str:
         """The implementation for this tensor: the forced one, or the fastest for its device and dtype."""
@@ -397,158 +307,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             buckets[(p.device, self._backend_for(p))].append(p)
         return buckets
 
-    # ---- state_dict ---------------------------------------------------------------------------
+    # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------
     def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["param_groups"] = [{k: _pack_schedule(v) for k, v in g.items()} for g in sd["param_groups"]]
-        sd["step_count"] = self._step_count
-        return sd
+        return checkpoint.state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads torch's layout (e.g. a torch.optim.AdamW checkpoint) or ours; checks every state tensor's keys
-        and shapes against this optimizer before changing anything. Hyperparameters come from the checkpoint;
-        the storage options (state_bits, min_quant_size) stay this optimizer's, and loaded moments are converted."""
-        state_dict = dict(state_dict)
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"{self._name}.load_state_dict: the state_dict has {len(groups)} param groups, "
-                             f"this optimizer {len(self.param_groups)}")
-        state_dict["param_groups"] = [
-            {**{k: _unpack_schedule(v, mine.get(k), k, self._name) for k, v in saved.items()},
-             **{k: mine[k] for k in STORAGE_OPTIONS if k in mine}}
-            for saved, mine in zip(groups, self.param_groups)]
-        index = 0
-        for g, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"{self._name}.load_state_dict: param group {g} has {len(saved['params'])} params in "
-                                 f"the state_dict, {len(group['params'])} here")
-            options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for saved_id, p in zip(saved["params"], group["params"]):
-                if saved_id in state_dict["state"]:
-                    self._check_loaded_state(p, options, state_dict["state"][saved_id], index)
-                index += 1
-        step_count = state_dict.pop("step_count", None)
-        self._galore_cache.clear()
-        # torch's loader would cast floating state to each param's dtype; place the state ourselves instead.
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            for saved_id, p in zip(saved["params"], group["params"]):
-                if saved_id in saved_state:
-                    self.state[p] = dict(saved_state[saved_id])
-                    self._conform_state(p, group, self.state[p])
-        if step_count is None:  # a torch checkpoint: take the step count from the per-tensor steps
-            steps = [float(s["step"]) for s in self.state.values() if "step" in s]
-            step_count = int(max(steps)) if steps else 0
-        self._step_count = int(step_count)
+        """Loads torch's layout (e.g. a torch.optim.AdamW checkpoint) or ours, after checking all of it against
+        this optimizer: a state_dict of another optimizer or for other shapes raises and changes nothing.
+        Hyperparameters come from the checkpoint; the storage options (state_bits, min_quant_size) stay this
+        optimizer's, and loaded moments are converted to them."""
+        checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
 
-    def _state_layout(self, p: torch.Tensor, group: dict) -> dict:
-        return self._init_state(torch.empty_like(p, device="meta"), group)
+    def __setstate__(self, state: dict) -> None:  # also runs at the end of torch's load_state_dict
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._fill_missing_options(group)
 
-    def _check_loaded_state(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
-        """Checks keys and shapes; a moment may come as a float tensor or quantized, whatever this optimizer keeps."""
-        where = f"{self._name}.load_state_dict: state of param {index}"
-        if "param_shape" in state and state["param_shape"].tolist() != list(p.shape):
-            raise ValueError(f"{where} is for a parameter of shape {tuple(state['param_shape'].tolist())}, "
-                             f"this one has shape {tuple(p.shape)}")
-        like = self._moment_like(p, group)
-        layout = self._state_layout(p, group)
-        expected = set(layout) - {"param_shape"}
-        for name, _ in self._moment_names(group):
-            expected -= {name, f"{name}_codes", f"{name}_scales"}
-            if name in state:
-                got = state[name]
-                if not isinstance(got, torch.Tensor) or got.shape != like.shape:
-                    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                    raise ValueError(f"{self._name}.load_state_dict: state[{name!r}] of param {index} has shape "
-                                     f"{shape}, expected {tuple(like.shape)}")
-            elif f"{name}_codes" in state and f"{name}_scales" in state:
-                _loaded_format(state, name, like.numel(), True, where)
-            else:
-                raise ValueError(f"{where} has keys {sorted(state)}, missing {name!r} (a state_dict from another "
-                                 "optimizer or configuration?)")
-        others = {k for k in state if k != "param_shape"
-                  and not any(k in (n, f"{n}_codes", f"{n}_scales") for n, _ in self._moment_names(group))}
-        if others != expected:
-            raise ValueError(f"{where} has keys {sorted(state)}, expected {sorted(layout)} "
-                             "(a state_dict from another optimizer or configuration?)")
-        for key in expected:  # e.g. GaLore projectors: their shapes follow the rank
-            want, got = layout[key], state[key]
-            if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or got.shape != want.shape):
-                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"{where}: {key!r} has shape {shape}, expected {tuple(want.shape)}")
-
-    def _conform_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
-        """After loading: every state tensor on the parameter's device, moments stored as this optimizer keeps them
-        (an fp32 checkpoint is quantized for state_bits=4, a 4-bit one decoded for state_bits=32, ...)."""
-        moments = self._moment_names(group)
-        like = self._moment_like(p, group)
-        for name, signed in moments:
-            if name in state:
-                value = state.pop(name).to(device=p.device)
-            else:
-                fmt = _loaded_format(state, name, like.numel(), signed, "")
-                codes, scales = state.pop(f"{name}_codes").to(p.device), state.pop(f"{name}_scales").to(p.device)
-                value = quant.Quantized(codes, scales, fmt)
-            want = self._storage(like, group, signed)
-            if isinstance(want, quant.QuantFormat):
-                if isinstance(value, quant.Quantized) and value.fmt == want:
-                    stored = value
-                else:
-                    values = value.dequantize(like.numel()) if isinstance(value, quant.Quantized) else value
-                    stored = quant.Quantized(*quant.encode(values.float(), want), want)
-                state[f"{name}_codes"], state[f"{name}_scales"] = stored.codes.contiguous(), stored.scales.contiguous()
-            else:
-                quantized = isinstance(value, quant.Quantized)
-                values = value.dequantize(like.numel()).view(like.shape) if quantized else value
-                state[name] = values.to(dtype=want, memory_format=torch.contiguous_format)
-        names = {n for n, _ in moments}
-        layout = self._state_layout(p, group)
-        state.pop("param_shape", None)
-        if "param_shape" in layout:
-            state["param_shape"] = layout["param_shape"]
-        for key, want in layout.items():
-            if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
-                state[key] = state[key].to(device="cpu" if key in HOST_STATE_KEYS else p.device, dtype=want.dtype,
-                                           memory_format=torch.contiguous_format)
-
-
-def _is_zero(value: Any) -> bool:
-    return not isinstance(value, torch.Tensor) and value == 0
-
-
-def _loaded_format(state: dict, name: str, n: int, signed: bool, where: str) -> quant.QuantFormat:
-    """The format of a loaded quantized moment, recognized from its sizes."""
-    codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
-    for bits in (4, 8):
-        fmt = quant.FORMATS[(bits, signed)]
-        if codes.numel() == fmt.code_bytes(n) and scales.numel() == fmt.num_blocks(n) and codes.dtype == torch.uint8:
-            return fmt
-    raise ValueError(f"{where}: {name}_codes ({codes.numel()} bytes) and {name}_scales ({scales.numel()}) do not "
-                     f"hold {n} elements in a 4- or 8-bit format")
-
-
-def _pack_schedule(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_pack_schedule(v) for v in value)
-    if is_schedule(value):
-        to_dict = getattr(value, "to_dict", None)
-        return {SCHEDULE_KEY: to_dict() if to_dict is not None else None}
-    return value
-
-
-def _unpack_schedule(value: Any, current: Any, key: str, owner: str) -> Any:
-    if isinstance(value, (tuple, list)):
-        currents = current if isinstance(current, (tuple, list)) and len(current) == len(value) else [None] * len(value)
-        return type(value)(_unpack_schedule(v, c, f"{key}[{i}]", owner) for i, (v, c) in enumerate(zip(value, currents)))
-    if isinstance(value, dict) and SCHEDULE_KEY in value:
-        spec = value[SCHEDULE_KEY]
-        if spec is not None:
-            from fastopt.schedules import from_dict
-
-            return from_dict(copy.deepcopy(spec))
-        if not is_schedule(current):
-            raise ValueError(f"{owner}.load_state_dict: {key} was a schedule without to_dict() when saved; build the "
-                             "optimizer with that schedule before loading")
-        return current
-    return value
+    def _fill_missing_options(self, group: dict) -> None:
+        """Sets the options a loaded param group may lack (a torch checkpoint has no state_bits) to their defaults."""

@@ -10,10 +10,9 @@ import math
 import torch
 
 from fastopt.galore import policy as galore
-from fastopt.optim.adam import AdamW, as_float
+from fastopt.ops.common import as_number, check_compat
+from fastopt.optim.adam import AdamW
 from fastopt.optim.base import FusedOptimizer
-
-COMPAT = (None, "official")
 
 
 class GaLoreAdamW(AdamW):
@@ -53,17 +52,15 @@ class GaLoreAdamW(AdamW):
                         proj_type=proj_type, refresh=refresh, moments=moments, stagger=stagger, compat=compat)
         FusedOptimizer.__init__(self, params, defaults, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("compat", None)
-            for key, value in galore.DEFAULTS.items():
-                group.setdefault(key, value)
+    def _fill_missing_options(self, group: dict) -> None:
+        super()._fill_missing_options(group)
+        group.setdefault("compat", None)
+        for key, value in galore.DEFAULTS.items():
+            group.setdefault(key, value)
 
     def _check_hyperparameters(self, hp: dict) -> None:
         super()._check_hyperparameters(hp)
-        if hp.get("compat") not in COMPAT:
-            raise ValueError(f"{self._name}: compat must be one of {COMPAT}, got {hp.get('compat')!r}")
+        check_compat(self._name, hp.get("compat"))
 
     def _galore_weight_decay(self, group: dict, hp: dict):
         rule, rate = super()._galore_weight_decay(group, hp)
@@ -73,8 +70,8 @@ class GaLoreAdamW(AdamW):
         if group["compat"] != "official":
             return super()._update(group, hp, params, grad_scale, found_inf)
         # transformers' AdamW: lr·√(1−β2^t)/(1−β1^t) · m/(√v + eps) is torch's form with eps/√(1−β2^t) for eps.
-        beta2 = as_float(hp["betas"][1])
-        eps = as_float(hp["eps"]) / math.sqrt(1 - beta2 ** (self._step_count + 1))
+        beta2 = as_number(hp["betas"][1])
+        eps = as_number(hp["eps"]) / math.sqrt(1 - beta2 ** (self._step_count + 1))
         super()._update(group, {**hp, "eps": eps, "weight_decay": 0.0}, params, grad_scale, found_inf)
         rate = hp["lr"] * hp["weight_decay"]
         if isinstance(rate, torch.Tensor) or rate != 0:  # decay after the update (none on a step GradScaler skips)

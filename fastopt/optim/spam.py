@@ -1,11 +1,12 @@
-"""fastopt.StableSPAM and fastopt.SPAM: thin classes over fastopt/ops/spam.py (math: ALGORITHMS.md §3, §4)."""
+"""fastopt.StableSPAM and fastopt.SPAM: thin classes over fastopt/ops/spam.py (math: docs/algorithms.md#stable-spam,
+docs/algorithms.md#spam)."""
 from __future__ import annotations
 
 import torch
 
-from fastopt.ops.spam import COMPAT, spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
-from fastopt.optim.adam import as_float
-from fastopt.optim.base import FusedOptimizer, as_number, check_range, is_schedule
+from fastopt.ops.common import as_number, check_compat, compute_dtype
+from fastopt.ops.spam import spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
+from fastopt.optim.base import FusedOptimizer, check_adam_hyperparameters, check_range, is_schedule
 
 
 def check_count(owner: str, name: str, value, low: int) -> None:
@@ -25,13 +26,6 @@ class _SpamBase(FusedOptimizer):
 
     def _moment_names(self, group: dict) -> list[tuple[str, bool]]:
         return [("exp_avg", True), ("exp_avg_sq", False)]
-
-    def _check_adam(self, hp: dict) -> None:
-        check_range(self._name, "lr", hp["lr"], 0.0)
-        check_range(self._name, "eps", hp["eps"], 0.0)
-        check_range(self._name, "weight_decay", hp["weight_decay"], 0.0)
-        for i, beta in enumerate(hp["betas"]):
-            check_range(self._name, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
 
     def _common(self, device: torch.device, hp: dict, grad_scale, found_inf) -> dict:
         beta1, beta2 = hp["betas"]
@@ -82,29 +76,27 @@ class StableSPAM(_SpamBase):
         super().__init__(params, defaults, backend=backend)
 
     def _check_hyperparameters(self, hp: dict) -> None:
-        self._check_adam(hp)
+        check_adam_hyperparameters(self._name, hp)
         for name in ("gamma1", "gamma2", "gamma3"):
             check_range(self._name, name, hp[name], 0.0, 1.0, high_open=True)
         check_count(self._name, "update_proj_gap", hp["update_proj_gap"], 0)
         if hp["total_T"] is not None:
             check_count(self._name, "total_T", hp["total_T"], 1)
         check_range(self._name, "eta_min", hp["eta_min"], 0.0, 1.0)
-        if hp["compat"] not in COMPAT:
-            raise ValueError(f"{self._name}: compat must be one of {COMPAT}, got {hp['compat']!r}")
+        check_compat(self._name, hp["compat"])
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = super()._init_state(p, group)
         state["stats_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        stats = torch.float64 if p.dtype == torch.float64 else torch.float32
         for key in ("m_norm", "v_norm", "m_max"):
-            state[key] = torch.zeros((), dtype=stats, device=p.device)
+            state[key] = torch.zeros((), dtype=compute_dtype(p), device=p.device)
         return state
 
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         T = self._step_count + 1  # the official counter is incremented before the step: 1 on the first step
-        total_T = None if hp["total_T"] is None else int(as_float(hp["total_T"]))
-        s, reset = stable_spam_schedule(T, total_T=total_T, eta_min=as_float(hp["eta_min"]),
-                                        update_proj_gap=int(as_float(hp["update_proj_gap"])))
+        total_T = None if hp["total_T"] is None else int(as_number(hp["total_T"]))
+        s, reset = stable_spam_schedule(T, total_T=total_T, eta_min=as_number(hp["eta_min"]),
+                                        update_proj_gap=int(as_number(hp["update_proj_gap"])))
         for (device, backend), ps in self._buckets(params).items():
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             scalars = lambda key: [self.state[p][key] for p in ps]  # noqa: E731
@@ -121,7 +113,7 @@ class SPAM(_SpamBase):
     ``warmup_steps`` steps, and spike-aware clipping: entries with g² > ``threshold``·v are clipped to
     sign(g)·sqrt(threshold·v) (threshold 0: off), from step ``grad_accu_steps`` on and paused for that many steps
     after each reset. Adam's bias correction keeps counting through resets; weight decay is applied after the
-    update. Exactly the authors' algorithm, ALGORITHMS.md §4.
+    update. Exactly the authors' algorithm, docs/algorithms.md#spam.
 
     Any of ``lr``, each beta, ``eps`` and ``weight_decay`` may be a float, a 0-d tensor or a schedule.
     ``state_bits`` / ``min_quant_size`` and ``backend`` as in :class:`fastopt.AdamW` (one fused pass per tensor).
@@ -139,7 +131,7 @@ class SPAM(_SpamBase):
         super().__init__(params, defaults, backend=backend)
 
     def _check_hyperparameters(self, hp: dict) -> None:
-        self._check_adam(hp)
+        check_adam_hyperparameters(self._name, hp)
         check_range(self._name, "threshold", hp["threshold"], 0.0)
         for name in ("warmup_steps", "DeltaT", "grad_accu_steps"):
             check_count(self._name, name, hp[name], 0)
@@ -149,11 +141,11 @@ class SPAM(_SpamBase):
         return "after", hp["lr"] * hp["weight_decay"]
 
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        threshold = as_float(hp["threshold"])
+        threshold = as_number(hp["threshold"])
         T = self._step_count  # SPAM's counter is incremented after the step: 0 on the first step
-        s, reset, clip = spam_schedule(T, warmup_steps=int(as_float(hp["warmup_steps"])),
-                                       delta_t=int(as_float(hp["DeltaT"])),
-                                       grad_accu_steps=int(as_float(hp["grad_accu_steps"])), threshold=threshold)
+        s, reset, clip = spam_schedule(T, warmup_steps=int(as_number(hp["warmup_steps"])),
+                                       delta_t=int(as_number(hp["DeltaT"])),
+                                       grad_accu_steps=int(as_number(hp["grad_accu_steps"])), threshold=threshold)
         for (device, backend), ps in self._buckets(params).items():
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),

@@ -51,9 +51,12 @@ for _bits in (8, 4):  # min_quant_size=0: the small test models' tensors are qua
 # 30-step generic tests cross several momentum resets.
 STABLE_SPAM_BAD = ADAM_BAD + [
     (dict(gamma1=1.0), r"gamma1 must be \[0.0, 1.0\), got 1.0"),
+    (dict(gamma2=-0.5), r"gamma2 must be \[0.0, 1.0\), got -0.5"),
     (dict(gamma3=-0.1), r"gamma3 must be \[0.0, 1.0\), got -0.1"),
     (dict(update_proj_gap=-1), r"update_proj_gap must be >= 0, got -1.0"),
+    (dict(update_proj_gap=2.5), r"update_proj_gap must be a whole number of steps, got 2.5"),
     (dict(total_T=0), r"total_T must be >= 1, got 0.0"),
+    (dict(total_T="1000"), r"total_T must be a whole number of steps, got '1000'"),
     (dict(eta_min=1.5), r"eta_min must be \[0.0, 1.0\], got 1.5"),
     (dict(compat="paper"), r"compat must be one of \(None, 'official'\), got 'paper'"),
 ]

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import fastopt
-from fastopt.optim import base
 from tests.optim.cases import CASES, TWIN_CASES
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -140,11 +139,23 @@ def test_state_dict_from_another_optimizer_or_shape_is_rejected(case):
     train(net, opt, batches(2))
     before = {k: v.clone() for k, v in opt.state[next(net.parameters())].items()}
 
-    sgd_net = model()
-    sgd = torch.optim.SGD(sgd_net.parameters(), lr=0.1, momentum=0.9)
-    train(sgd_net, sgd, batches(2))
+    groups_before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    for momentum in (0.9, 0.0):  # without momentum SGD keeps no state: its param groups tell
+        sgd_net = model()
+        sgd = torch.optim.SGD(sgd_net.parameters(), lr=0.1, momentum=momentum)
+        train(sgd_net, sgd, batches(2))
+        with pytest.raises(ValueError, match=r"param group 0 of the state_dict lacks \[.*'betas'.*\] \(a state_dict "
+                                             r"of another optimizer\? it has \[.*'momentum'"):
+            opt.load_state_dict(sgd.state_dict())
     with pytest.raises(ValueError, match=r"state of param 0 has keys \['momentum_buffer'\]"):
-        opt.load_state_dict(sgd.state_dict())
+        opt.load_state_dict({**opt.state_dict(), "state": {0: {"momentum_buffer": torch.zeros(32, 12)}}})
+    with pytest.raises(ValueError, match=r"expected a dict with 'state' and 'param_groups'"):
+        opt.load_state_dict(net.state_dict())
+    bad_lr = opt.state_dict()
+    bad_lr["param_groups"] = [{**g, "lr": -1.0} for g in bad_lr["param_groups"]]
+    with pytest.raises(ValueError, match=r"lr must be >= 0.0, got -1.0"):
+        opt.load_state_dict(bad_lr)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
 
     other = torch.nn.Sequential(torch.nn.Linear(12, 31), torch.nn.Tanh(), torch.nn.Linear(31, 5))
     other_opt = case.make(other.parameters())
@@ -221,42 +232,29 @@ def test_grad_scaler(case):
 
 
 @pytest.mark.parametrize("backend", [None, "triton"])
-def test_mixed_dtypes_in_one_optimizer(backend):
-    """fp32, bf16 and fp16 params together (and float64, which backend=None runs on the reference path):
-    each matches the reference path."""
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend is None else ())
-
-    def params():
-        torch.manual_seed(3)
-        return [torch.nn.Parameter(torch.randn(300).to(d)) for d in dtypes]
-
-    ours, ref = params(), params()
-    o, r = fastopt.AdamW(ours, backend=backend), fastopt.AdamW(ref, backend="reference")
-    for k in range(5):
-        grads = [torch.randn(300).to(p.dtype) for p in ours]
-        for ps, opt in ((ours, o), (ref, r)):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
-    for p, q in zip(ours, ref):
-        assert p.dtype == q.dtype and o.state[p]["exp_avg"].dtype == p.dtype
-        torch.testing.assert_close(p, q, rtol=2**-7, atol=1e-5)
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_ids)
-def test_step_does_not_read_tensor_hyperparameters(case, monkeypatch):
-    """A 0-d tensor lr is checked when its group is added; step() must not read it back (on a GPU, .item()
-    would make every step wait for the device)."""
-    net = model()
-    opt = case.make(net.parameters(), lr=torch.tensor(1e-2))
-    real = base.as_number
-
-    def no_tensor_reads(value):
-        assert not isinstance(value, torch.Tensor), "step() read a tensor hyperparameter to validate it"
-        return real(value)
-
-    monkeypatch.setattr(base, "as_number", no_tensor_reads)
-    train(net, opt, batches(2))
+def test_mixed_dtypes_in_one_optimizer(case, backend):
+    """fp32, bf16 and fp16 params together (and float64, which backend=None runs on the reference path): each steps
+    exactly as it would alone (the math is per tensor), keeps its moments in its own dtype where the state format
+    follows the param, and matches the reference path."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend is None else ())
+    torch.manual_seed(3)
+    init = [torch.randn(300).to(d) for d in dtypes]
+    grads = [[torch.randn(300).to(d) for d in dtypes] for _ in range(5)]
+    together, alone, ref = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(3))
+    opts = ([case.make(together, backend=backend)] + [case.make([p], backend=backend) for p in alone]
+            + [case.make(ref, backend="reference")])
+    for gs in grads:
+        for ps in (together, alone, ref):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+        for opt in opts:
+            opt.step()
+    for p, q, r in zip(together, alone, ref):
+        assert p.dtype == q.dtype == r.dtype and torch.equal(p, q)
+        if "exp_avg" in opts[0].state[p] and opts[0].param_groups[0]["state_bits"] is None:
+            assert opts[0].state[p]["exp_avg"].dtype == p.dtype
+        torch.testing.assert_close(p, r, rtol=2**-7, atol=1e-5)
 
 
 TENSOR_HP_CASES = {  # optimizer, which hyperparameters are tensors (besides lr), options
@@ -271,6 +269,35 @@ TENSOR_HP_CASES = {  # optimizer, which hyperparameters are tensors (besides lr)
                    dict(DeltaT=2, warmup_steps=1, grad_accu_steps=0, threshold=2.0, state_bits=4, min_quant_size=0)),
 }
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+def forbid_host_reads(monkeypatch, only: list[torch.Tensor] | None = None) -> None:
+    """Makes every host read of a tensor (or of the tensors in ``only``) raise, until monkeypatch.undo()."""
+    for name in HOST_READS:
+        def no_reads(self, *args, _original=getattr(torch.Tensor, name)):
+            if only is None or any(self is t for t in only):
+                raise AssertionError("step() read a tensor on the host")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, no_reads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids)
+def test_step_never_reads_a_tensor_lr(case, monkeypatch, only_the_lr=False):
+    """A 0-d tensor lr is checked when its group is added; on the Triton backend (the GPU path) step() never reads
+    it (nor, unless ``only_the_lr``, any other tensor) back to the host: on a GPU each read would make the step wait
+    for the device."""
+    net = model()
+    lr = torch.tensor(1e-2)
+    opt = case.make(net.parameters(), lr=lr, backend="triton")
+    start = flat(net)
+    for x, y in batches(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        forbid_host_reads(monkeypatch, [lr] if only_the_lr else None)
+        opt.step()
+        monkeypatch.undo()
+    assert (flat(net) - start).norm() > 0
 
 
 @pytest.mark.parametrize("case", TENSOR_HP_CASES)
@@ -290,16 +317,12 @@ def test_triton_step_never_reads_tensor_hyperparameters(case, monkeypatch):
     with_tensors = cls(nets[1].parameters(), **tensors, **options, backend="triton")
     start = flat(nets[1])
 
-    def no_reads(self, *args):
-        raise AssertionError("step() read a tensor on the host")
-
     for x, y in batches(3):
         for net, opt in zip(nets, (with_numbers, with_tensors)):
             opt.zero_grad()
             torch.nn.functional.mse_loss(net(x), y).backward()
             if opt is with_tensors:
-                for name in HOST_READS:
-                    monkeypatch.setattr(torch.Tensor, name, no_reads)
+                forbid_host_reads(monkeypatch)
             opt.step()
             monkeypatch.undo()
     assert (flat(nets[1]) - start).norm() > 0

@@ -1,5 +1,6 @@
 """fastopt.StableSPAM and fastopt.SPAM as optimizers: checkpoints across a momentum reset, 4-bit moments (a reset
-zeros codes and scales), training quality with 4-bit states, validation, backends, schedules."""
+zeros codes and scales), training quality with 4-bit states, backends, schedules. The tests every optimizer
+shares (validation, mixed dtypes, state_dict) run over tests/optim/cases.py in test_common.py."""
 import math
 
 import pytest
@@ -138,40 +139,6 @@ def test_4bit_training_tracks_fp32(name):
     assert abs(four - fp32) / fp32 < 0.05, (four, fp32)
 
 
-BAD = [
-    (StableSPAM, dict(lr=-1e-3), r"StableSPAM: lr must be >= 0.0, got -0.001"),
-    (StableSPAM, dict(eps=-1.0), r"eps must be >= 0.0, got -1.0"),
-    (StableSPAM, dict(weight_decay=-0.1), r"weight_decay must be >= 0.0, got -0.1"),
-    (StableSPAM, dict(betas=(1.0, 0.999)), r"betas\[0\] must be \[0.0, 1.0\), got 1.0"),
-    (StableSPAM, dict(gamma1=1.0), r"gamma1 must be \[0.0, 1.0\), got 1.0"),
-    (StableSPAM, dict(gamma2=-0.5), r"gamma2 must be \[0.0, 1.0\), got -0.5"),
-    (StableSPAM, dict(gamma3=1.5), r"gamma3 must be \[0.0, 1.0\), got 1.5"),
-    (StableSPAM, dict(update_proj_gap=-1), r"update_proj_gap must be >= 0, got -1.0"),
-    (StableSPAM, dict(update_proj_gap=2.5), r"update_proj_gap must be a whole number of steps, got 2.5"),
-    (StableSPAM, dict(total_T=0), r"total_T must be >= 1, got 0.0"),
-    (StableSPAM, dict(total_T="1000"), r"total_T must be a whole number of steps, got '1000'"),
-    (StableSPAM, dict(eta_min=1.5), r"eta_min must be \[0.0, 1.0\], got 1.5"),
-    (StableSPAM, dict(compat="paper"), r"compat must be one of \(None, 'official'\), got 'paper'"),
-    (StableSPAM, dict(state_bits=3), r"state_bits must be one of"),
-    (SPAM, dict(lr=-1.0), r"SPAM: lr must be >= 0.0, got -1.0"),
-    (SPAM, dict(betas=(0.9, 1.0)), r"betas\[1\] must be \[0.0, 1.0\), got 1.0"),
-    (SPAM, dict(warmup_steps=-1), r"warmup_steps must be >= 0, got -1.0"),
-    (SPAM, dict(threshold=-5), r"threshold must be >= 0.0, got -5.0"),
-    (SPAM, dict(DeltaT=-500), r"DeltaT must be >= 0, got -500.0"),
-    (SPAM, dict(grad_accu_steps=-2), r"grad_accu_steps must be >= 0, got -2.0"),
-]
-
-
-@pytest.mark.parametrize("cls,kwargs,message", BAD, ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _ in BAD])
-def test_bad_hyperparameters_raise_and_change_nothing(cls, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
-    opt = cls([torch.nn.Parameter(torch.randn(3))])
-    with pytest.raises(ValueError, match=message):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], **kwargs})
-    assert len(opt.param_groups) == 1
-
-
 def test_schedule_leaving_its_range_raises_before_any_update():
     p = torch.nn.Parameter(torch.randn(3))
     opt = StableSPAM([p], gamma1=lambda k: 0.7 + 0.3 * k)
@@ -257,24 +224,6 @@ def test_total_T_is_a_cosine_factor_on_beta1_and_gamma1():
     train(b, StableSPAM(b.parameters(), lr=1e-2, update_proj_gap=5, betas=(lambda k: 0.9 * s(k), 0.999),
                         gamma1=lambda k: 0.7 * s(k)), batches(16))
     assert torch.equal(flat(a), flat(b))
-
-
-def test_mixed_dtypes_in_one_optimizer():
-    """fp32, bf16, fp16 and float64 params together: each as if alone (the math is per tensor)."""
-    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    torch.manual_seed(3)
-    init = [torch.randn(50).to(d) for d in dtypes]
-    grads = [[torch.randn(50).to(d) for d in dtypes] for _ in range(7)]
-    together = [torch.nn.Parameter(x.clone()) for x in init]
-    alone = [torch.nn.Parameter(x.clone()) for x in init]
-    opts = [StableSPAM(together, update_proj_gap=3)] + [StableSPAM([p], update_proj_gap=3) for p in alone]
-    for gs in grads:
-        for p, q, g in zip(together, alone, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        for opt in opts:
-            opt.step()
-    for p, q in zip(together, alone):
-        assert p.dtype == q.dtype and torch.equal(p, q)
 
 
 @pytest.mark.parametrize("cls,after", [(SPAM, True), (StableSPAM, False)])

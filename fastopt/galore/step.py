@@ -1,0 +1,140 @@
+"""One GaLore step for the projected params of a group, on top of any fastopt optimizer (docs/algorithms.md#galore).
+
+For each param: refresh the projector when due (policy.py), project the gradient (R = Lᵀ·G·Rtᵀ, one matmul into a
+reused buffer), run the optimizer's own step on a *shadow* — a zero tensor of R's shape whose grad is R and whose
+state is the param's state (the low-rank moments), with weight decay 0 — and add the update the shadow now holds
+(−lr·N) back into the param with one addmm, scaled by α, the weight decay folded in where the optimizer applies
+it. So every optimizer, backend and state format works on the low-rank moments unchanged.
+
+The optimizer is reached through the narrow :class:`Host` interface only.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from fastopt.galore import policy
+from fastopt.galore import projector as proj
+from fastopt.ops.common import compute_dtype
+from fastopt.quant import formats as quant
+
+
+class Host(Protocol):
+    """What a GaLore step needs from the optimizer that owns the params."""
+
+    state: dict
+
+    def _position(self, p: torch.Tensor) -> int:
+        """p's position among all params in group order (places staggered refreshes and seeds random ones)."""
+
+    def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
+        """The optimizer's own step of ``shadow`` (its grad and state set), with ``hp`` as given."""
+
+    def _stored_moments(self, state: dict, like: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
+        """(moment as the ops take it: a tensor or quant.Quantized, signed) for each moment in ``state``."""
+
+    def _galore_weight_decay(self, group: dict, hp: dict) -> tuple[str, float | torch.Tensor]:
+        """Where the decay goes: ("before", rate) p ← p·(1 − rate) before the update; ("after", rate) after it;
+        ("l2", wd) g ← g + wd·p before the projection (Adam's coupled decay)."""
+
+
+class GaLoreStepper:
+    """Steps GaLore params and keeps what lives in memory only: the random projectors regenerated from their seeds,
+    and two reused low-rank buffers per shape (no allocation, no page faults per step)."""
+
+    def __init__(self) -> None:
+        self.cache: dict = {}    # param -> (seed, projectors) of refresh="random"
+        self.buffers: dict = {}  # (role, shape, dtype, device) -> buffer
+
+    def clear(self) -> None:
+        """Forget the regenerated projectors (after loading a state_dict: the seeds may have changed)."""
+        self.cache.clear()
+
+    def step(self, host: Host, group: dict, hp: dict, params: list[torch.Tensor]) -> None:
+        gap = policy.gap_of(hp)
+        rule, rate = host._galore_weight_decay(group, hp)
+        l2 = rule == "l2" and not _is_zero(rate)
+        shadow_hp = {**hp, "weight_decay": 0.0}
+        for p in params:
+            state = host.state[p]
+            step = int(state["proj_step"])
+            position = host._position(p)
+            advance = True
+            if policy.refresh_due(step, gap, position, group["stagger"]):
+                grad = p.grad + rate * p if l2 else p.grad  # the gradient Adam's coupled decay sees
+                change = policy.refresh(p, grad, state, group, position, self.cache)
+                advance = change is not None  # a skipped refresh (non-finite gradient) is retried next step
+                if change is not None and step > 0:
+                    self._carry_moments(host, p, group, state, change)
+            left, right = policy.projectors(p, state, group, self.cache)
+            shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
+            low = proj.project(p.grad, left, right, out=self._scratch("low", shape, p))
+            if l2:
+                low.add_(proj.project(p, left, right) * rate)
+            shadow = self._scratch("shadow", shape, p).zero_()
+            shadow.grad = low
+            host.state[shadow] = state  # the same dict: the optimizer updates the param's low-rank moments
+            try:
+                host._low_rank_step(group, shadow_hp, shadow)
+            finally:
+                del host.state[shadow]
+                shadow.grad = None
+            _apply_low_rank_update(p, shadow, left, right, group["scale"], rule, rate)
+            if advance:
+                state["proj_step"] += 1
+
+    def _scratch(self, role: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """A reused low-rank buffer per (role, shape, dtype, device): memory only, never in the state."""
+        key = (role, shape, like.dtype, like.device)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buffer
+
+    @staticmethod
+    def _carry_moments(host: Host, p: torch.Tensor, group: dict, state: dict, change: policy.Refresh) -> None:
+        """The low-rank moments when the subspace changes: kept as they are ("keep", galore-torch), zeroed with their
+        step count ("reset": the next step is a fresh bias-corrected one), or carried into the new basis
+        ("reproject": first moments m ← Mₗ·m·Mᵣ, second moments by the squared maps; see projector.reproject)."""
+        policy_name = group["moments"]
+        if policy_name == "keep":
+            return
+        shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
+        like = torch.empty(shape, dtype=p.dtype, device=p.device)
+        moments = host._stored_moments(state, like, group)
+        if policy_name == "reset":  # on a device, "changed" is a 0-d bool tensor: zero by multiplying, no host read
+            unchanged = None if change.changed is True else ~change.changed
+            tensors = [state["step"]]
+            for moment, _ in moments:
+                tensors += [moment.codes, moment.scales] if isinstance(moment, quant.Quantized) else [moment]
+            for t in tensors:
+                t.zero_() if unchanged is None else t.mul_(unchanged.to(t.dtype))
+            return
+        basis = proj.change_of_basis(change.old, change.new)
+        for moment, signed in moments:
+            if isinstance(moment, quant.Quantized):
+                values = moment.dequantize(like.numel()).view(like.shape)
+                moment.assign(proj.reproject(values, basis, squared=not signed))
+            else:
+                moment.copy_(proj.reproject(moment.to(compute_dtype(moment)), basis, squared=not signed))
+
+
+def _apply_low_rank_update(p, update, left, right, scale, rule, rate) -> None:
+    """p ← p + α·(L·U·Rt) with the weight decay rule folded into addmm's β (a tensor rate, which the host must not
+    read, decays in a separate pass)."""
+    if rule == "l2" or _is_zero(rate):
+        proj.project_back_(p, update, left, right, alpha=scale)
+    elif isinstance(rate, torch.Tensor):
+        if rule == "before":
+            p.mul_(1 - rate)
+        proj.project_back_(p, update, left, right, alpha=scale)
+        if rule == "after":
+            p.mul_(1 - rate)
+    else:
+        keep = 1.0 - rate
+        proj.project_back_(p, update, left, right, beta=keep, alpha=scale * (keep if rule == "after" else 1))
+
+
+def _is_zero(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 0

@@ -1,0 +1,209 @@
+"""state_dict and load_state_dict of FusedOptimizer: torch's layout, plus what fastopt adds.
+
+Saving: hyperparameters that are schedules become ``{SCHEDULE_KEY: spec}`` (``{SCHEDULE_KEY: None}`` when the
+callable has no to_dict(); loading then keeps the schedule the optimizer was built with), and the optimizer's step
+count is stored as ``step_count``. Everything is a tensor, number, string, list or dict.
+
+Loading takes torch's layout (a torch.optim.AdamW checkpoint) or fastopt's. Everything is checked before anything
+changes: the param groups (their number, sizes, and the options this optimizer needs: a state_dict of another
+optimizer lacks them), the hyperparameters' values, and every state tensor's keys and shapes. Hyperparameters come
+from the checkpoint, as in torch; the storage options (state_bits, min_quant_size) stay this optimizer's, and
+loaded moments are converted to them (an fp32 checkpoint is quantized for state_bits=4, a 4-bit one decoded for
+state_bits=32, ...).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from fastopt.galore import policy as galore
+from fastopt.quant import formats as quant
+
+SCHEDULE_KEY = "__schedule__"
+# How an optimizer stores its state: kept on load_state_dict (a checkpoint's state is converted to it),
+# unlike hyperparameters, which the checkpoint sets as in torch.
+STORAGE_OPTIONS = ("state_bits", "min_quant_size")
+HOST_STATE_KEYS = ("param_shape",) + galore.HOST_KEYS  # state tensors that stay on the CPU
+
+
+def state_dict(opt, torch_state_dict: dict) -> dict:
+    """``torch_state_dict`` (torch.optim.Optimizer.state_dict's) with schedules packed and the step count added."""
+    sd = dict(torch_state_dict)
+    sd["param_groups"] = [{k: _pack_schedule(v) for k, v in g.items()} for g in sd["param_groups"]]
+    sd["step_count"] = opt._step_count
+    return sd
+
+
+def checked_groups(opt, state_dict: dict) -> list[dict]:
+    """The param groups to load, validated against ``opt`` (raises ValueError naming what does not fit)."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError(f"{opt._name}.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                         f"(an optimizer's state_dict), got keys {sorted(state_dict)}")
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"{opt._name}.load_state_dict: the state_dict has {len(groups)} param groups, "
+                         f"this optimizer {len(opt.param_groups)}")
+    loaded = []
+    for g, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved["params"]) != len(mine["params"]):
+            raise ValueError(f"{opt._name}.load_state_dict: param group {g} has {len(saved['params'])} params in "
+                             f"the state_dict, {len(mine['params'])} here")
+        group = {**{k: _unpack_schedule(v, mine.get(k), k, opt._name) for k, v in saved.items()},
+                 **{k: mine[k] for k in STORAGE_OPTIONS if k in mine}}
+        opt._fill_missing_options(group)
+        missing = sorted(set(opt.defaults) - set(group))
+        if missing:
+            raise ValueError(f"{opt._name}.load_state_dict: param group {g} of the state_dict lacks {missing} (a "
+                             f"state_dict of another optimizer? it has {sorted(k for k in saved if k != 'params')})")
+        opt._check_options(group)
+        opt._hyperparameters(group, int(state_dict.get("step_count") or 0))  # raises on a bad value
+        galore.check_options(opt._name, group)
+        loaded.append(group)
+    index = 0
+    for saved, mine in zip(loaded, opt.param_groups):
+        options = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
+        for saved_id, p in zip(saved["params"], mine["params"]):
+            if saved_id in state_dict["state"]:
+                _check_loaded_state(opt, p, options, state_dict["state"][saved_id], index)
+            index += 1
+    return loaded
+
+
+def load_state_dict(opt, state_dict: dict, torch_load) -> None:
+    """Checks everything, then loads with ``torch_load`` (torch's Optimizer.load_state_dict) for the groups and
+    places the state itself: torch's loader would cast floating state to each param's dtype."""
+    groups = checked_groups(opt, state_dict)
+    step_count = state_dict.get("step_count")
+    saved_state = state_dict["state"]
+    torch_load({**state_dict, "param_groups": groups, "state": {}})
+    opt._galore.clear()
+    for saved, group in zip(groups, opt.param_groups):
+        for saved_id, p in zip(saved["params"], group["params"]):
+            if saved_id in saved_state:
+                opt.state[p] = dict(saved_state[saved_id])
+                _conform_state(opt, p, group, opt.state[p])
+    if step_count is None:  # a torch checkpoint: take the step count from the per-tensor steps
+        steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+        step_count = int(max(steps)) if steps else 0
+    opt._step_count = int(step_count)
+
+
+def _state_layout(opt, p: torch.Tensor, group: dict) -> dict:
+    return opt._init_state(torch.empty_like(p, device="meta"), group)
+
+
+def _shape_of(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_loaded_state(opt, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
+    """Checks keys and shapes; a moment may come as a float tensor or quantized, whatever this optimizer keeps."""
+    where = f"{opt._name}.load_state_dict: state of param {index}"
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} is a {type(state).__name__}, expected a dict of tensors")
+    if "param_shape" in state and state["param_shape"].tolist() != list(p.shape):
+        raise ValueError(f"{where} is for a parameter of shape {tuple(state['param_shape'].tolist())}, "
+                         f"this one has shape {tuple(p.shape)}")
+    like = opt._moment_like(p, group)
+    layout = _state_layout(opt, p, group)
+    expected = set(layout) - {"param_shape"}
+    moment_keys = set()
+    for name, _ in opt._moment_names(group):
+        keys = {name, f"{name}_codes", f"{name}_scales"}
+        expected -= keys
+        moment_keys |= keys
+        if name in state:
+            got = state[name]
+            if not isinstance(got, torch.Tensor) or got.shape != like.shape:
+                raise ValueError(f"{opt._name}.load_state_dict: state[{name!r}] of param {index} has shape "
+                                 f"{_shape_of(got)}, expected {tuple(like.shape)}")
+        elif f"{name}_codes" in state and f"{name}_scales" in state:
+            loaded_format(state, name, like.numel(), True, where)
+        else:
+            raise ValueError(f"{where} has keys {sorted(state)}, missing {name!r} (a state_dict from another "
+                             "optimizer or configuration?)")
+    others = set(state) - moment_keys - {"param_shape"}
+    if others != expected:
+        raise ValueError(f"{where} has keys {sorted(state)}, expected {sorted(layout)} "
+                         "(a state_dict from another optimizer or configuration?)")
+    for key in expected:  # e.g. GaLore projectors: their shapes follow the rank
+        want, got = layout[key], state[key]
+        if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or got.shape != want.shape):
+            raise ValueError(f"{where}: {key!r} has shape {_shape_of(got)}, expected {tuple(want.shape)}")
+
+
+def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
+    """After loading: every state tensor on the parameter's device, moments stored as this optimizer keeps them."""
+    moments = opt._moment_names(group)
+    like = opt._moment_like(p, group)
+    for name, signed in moments:
+        if name in state:
+            value = state.pop(name).to(device=p.device)
+        else:
+            fmt = loaded_format(state, name, like.numel(), signed, "")
+            codes, scales = state.pop(f"{name}_codes").to(p.device), state.pop(f"{name}_scales").to(p.device)
+            value = quant.Quantized(codes, scales, fmt)
+        want = opt._storage(like, group, signed)
+        if isinstance(want, quant.QuantFormat):
+            if isinstance(value, quant.Quantized) and value.fmt == want:
+                stored = value
+            else:
+                values = value.dequantize(like.numel()) if isinstance(value, quant.Quantized) else value
+                stored = quant.Quantized(*quant.encode(values.float(), want), want)
+            state[f"{name}_codes"], state[f"{name}_scales"] = stored.codes.contiguous(), stored.scales.contiguous()
+        else:
+            quantized = isinstance(value, quant.Quantized)
+            values = value.dequantize(like.numel()).view(like.shape) if quantized else value
+            state[name] = values.to(dtype=want, memory_format=torch.contiguous_format)
+    names = {n for n, _ in moments}
+    layout = _state_layout(opt, p, group)
+    state.pop("param_shape", None)
+    if "param_shape" in layout:
+        state["param_shape"] = layout["param_shape"]
+    for key, want in layout.items():
+        if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
+            state[key] = state[key].to(device="cpu" if key in HOST_STATE_KEYS else p.device, dtype=want.dtype,
+                                       memory_format=torch.contiguous_format)
+
+
+def loaded_format(state: dict, name: str, n: int, signed: bool, where: str) -> quant.QuantFormat:
+    """The format of a loaded quantized moment, recognized from its sizes."""
+    codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
+    for bits in (4, 8):
+        fmt = quant.FORMATS[(bits, signed)]
+        if codes.numel() == fmt.code_bytes(n) and scales.numel() == fmt.num_blocks(n) and codes.dtype == torch.uint8:
+            return fmt
+    raise ValueError(f"{where}: {name}_codes ({codes.numel()} bytes) and {name}_scales ({scales.numel()}) do not "
+                     f"hold {n} elements in a 4- or 8-bit format")
+
+
+def is_schedule(value: Any) -> bool:
+    return callable(value) and not isinstance(value, torch.Tensor)
+
+
+def _pack_schedule(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_pack_schedule(v) for v in value)
+    if is_schedule(value):
+        to_dict = getattr(value, "to_dict", None)
+        return {SCHEDULE_KEY: to_dict() if to_dict is not None else None}
+    return value
+
+
+def _unpack_schedule(value: Any, current: Any, key: str, owner: str) -> Any:
+    if isinstance(value, (tuple, list)):
+        currents = current if isinstance(current, (tuple, list)) and len(current) == len(value) else [None] * len(value)
+        return type(value)(_unpack_schedule(v, c, f"{key}[{i}]", owner) for i, (v, c) in enumerate(zip(value, currents)))
+    if isinstance(value, dict) and SCHEDULE_KEY in value:
+        spec = value[SCHEDULE_KEY]
+        if spec is not None:
+            from fastopt.schedules import from_dict
+
+            return from_dict(copy.deepcopy(spec))
+        if not is_schedule(current):
+            raise ValueError(f"{owner}.load_state_dict: {key} was a schedule without to_dict() when saved; build the "
+                             "optimizer with that schedule before loading")
+        return current
+    return value
