@@ -4,6 +4,7 @@
 // fastopt/quant/formats.py as arguments.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -102,6 +103,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s MAP4_SIGNED MAP4_UNSIGNED MAP8_SIGNED MAP8_UNSIGNED [quick] [isa=NAME]\n", argv[0]);
     return 2;
   }
+  bool failed = false;
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
   PageArray<float> p(kElements), g(kElements);
@@ -152,6 +154,17 @@ int main(int argc, char** argv) {
                   ns_per_element([&] { quantize(x.data, kElements, *encoder, m_codes.data, m_scales.data); }, reps));
       std::printf("| decode, %s) | %d-bit | %.3f |\n", name, bits,
                   ns_per_element([&] { dequantize(m_codes.data, m_scales.data, kElements, map->data(), out.data); }, reps));
+      // What was timed must also be right: nearest-entry codes decode to within half the widest gap of the map.
+      float gap = 0.0f;
+      for (size_t k = 1; k < map->size(); ++k) gap = std::max(gap, (*map)[k] - (*map)[k - 1]);
+      gap = std::max(gap, 1.0f - (*map).back()) + (signed_ ? 0.0f : (*map).front());
+      for (int64_t i = 0; i < kElements; ++i)
+        if (!(std::abs(out.data[i] - x.data[i]) <= 0.5f * gap * m_scales.data[i / block_size(bits)] * 1.0001f)) {
+          std::fprintf(stderr, "check failed: %d-bit %s) element %lld decodes to %g, was %g\n", bits, name,
+                       (long long)i, out.data[i], x.data[i]);
+          failed = true;
+          break;
+        }
     }
   }
   std::vector<float> amax(1);
@@ -161,5 +174,17 @@ int main(int argc, char** argv) {
               ns_per_element([&] { stats(g.data, kElements, 1.0f, INFINITY, 1.0f, amax.data(), sumsq.data()); }, 4 * reps));
   std::printf("| Stable-SPAM gradient reduction, clipped pass | - | %.3f |\n",
               ns_per_element([&] { stats(g.data, kElements, 1.0f, 2e-3f, 0.5f, amax.data(), sumsq.data()); }, 4 * reps));
+  // The reduction's first pass against a plain loop in double.
+  stats(g.data, kElements, 1.0f, INFINITY, 1.0f, amax.data(), sumsq.data());
+  double want_max = 0.0, want_sum = 0.0;
+  for (int64_t i = 0; i < kElements; ++i) want_max = std::max(want_max, double(std::abs(g.data[i]))), want_sum += double(g.data[i]) * g.data[i];
+  if (amax[0] != float(want_max) || std::abs(sumsq[0] - want_sum) > 1e-6 * want_sum) {
+    std::fprintf(stderr, "check failed: reduction gives max %g, sum of squares %g; a plain loop %g, %g\n", amax[0],
+                 sumsq[0], want_max, want_sum);
+    failed = true;
+  }
+  if (failed) return 1;
+  std::printf("\nChecked: every codec's round trip is within half a map step of its input, and the reduction equals a "
+              "plain loop.\n");
   return 0;
 }

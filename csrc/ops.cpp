@@ -216,8 +216,8 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   return sizes;
 }
 
-// The Encoder of a map, from a small cache keyed by the map's values: building one takes ~0.4 ms for an 8-bit map
-// (bisection for 255 thresholds, then the segments' proof), far too much to repeat at every step.
+// The Encoder of a map, from a small cache keyed by the map's values: building one for an 8-bit map (bisection for
+// 255 thresholds, then the segments' proof) costs far more than a step of a small tensor.
 Encoder encoder_for(const at::Tensor& map, int bits) {
   static std::mutex mutex;
   static std::vector<std::pair<std::vector<float>, Encoder>> cache;  // the most recent last
@@ -444,7 +444,7 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
         for (int64_t r = r_begin; r < r_end; ++r) reduce(next, r, INFINITY, 1.0f);
       });
     } else {
-      // Float moments (a memory-bound update, nothing to hide under; 2-3% faster in this order at 110M), or many
+      // Float moments (a memory-bound update, nothing to hide under: this order measured faster for them), or many
       // more reductions than updates (pairing would pile them onto few threads, or none: a group without chunks):
       // reductions and updates as separate slots, evenly interleaved.
       const int64_t total = U + R;
