@@ -1,5 +1,6 @@
-// torch-facing layer: op schemas (TORCH_LIBRARY(fastopt)), argument checks, the work split across threads,
-// and dispatch to the torch-free kernels by ISA and dtype. The only translation unit that includes torch.
+// torch-facing layer: the CPU implementations of the fastopt ops (schemas in fastopt/ops/library.py), argument
+// checks, the work split across threads, and dispatch to the torch-free kernels by ISA and dtype. The only
+// translation unit that includes torch.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -96,32 +97,38 @@ void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
   });
 }
 
-// Runs fn(c) for the given chunk indices, in parallel.
-template <typename Fn>
-void for_chunks(const std::vector<int64_t>& which, const Fn& fn) {
-  parallel_each(int64_t(which.size()), [&](int64_t k) { fn(which[k]); });
+// A step's hyperparameters: the float64 CPU tensor `hp` of the op's schema, read here (on the host, where the
+// per-tensor constants are folded in double).
+std::vector<double> read_hyperparameters(const at::Tensor& hp, int64_t count, const char* op, const char* layout) {
+  TORCH_CHECK(hp.device().is_cpu() && hp.scalar_type() == at::kDouble && hp.dim() == 1 && hp.numel() == count &&
+                  hp.is_contiguous(),
+              op, ": hp must be a contiguous float64 CPU tensor of ", count, " values (", layout, "), got ",
+              hp.scalar_type(), " of shape ", hp.sizes(), " on ", hp.device());
+  const double* values = hp.data_ptr<double>();
+  return std::vector<double>(values, values + count);
 }
 
-// Increments each step and folds this step's per-tensor constants on the host, in double.
-std::vector<AdamConsts> step_consts(at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                                    double weight_decay, bool decoupled, bool maximize,
-                                    const std::optional<at::Tensor>& grad_scale, bool independent_decay) {
-  const double decay = 1.0 - (independent_decay ? 1.0 : lr) * weight_decay;
-  double grad_mul = maximize ? -1.0 : 1.0;
-  if (grad_scale.has_value() && grad_scale->defined()) grad_mul /= grad_scale->item<double>();
-  std::vector<AdamConsts> consts(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    float* step = steps[i].data_ptr<float>();
-    *step += 1.0f;
-    const double t = *step;
-    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
-    consts[i] = AdamConsts{float(grad_mul),
-                           float(decoupled ? 0.0 : weight_decay),
-                           float(decoupled ? decay : 1.0),
-                           float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
-                           float(lr / bc1), float(1.0 / std::sqrt(bc2)), float(eps)};
-  }
-  return consts;
+// Adds 1 to a tensor's float32 step counter and returns its new value.
+double advance(const at::Tensor& step) {
+  float* t = step.data_ptr<float>();
+  *t += 1.0f;
+  return *t;
+}
+
+// The Adam part of one tensor's constants, the only place they are built: moments with rates beta1 / beta2,
+// p ← decay·p − step_size · m / (sqrt(v)·inv_bc2_sqrt + eps). Each op sets the rest (coupled decay, taming, resets).
+AdamConsts adam_consts(double grad_mul, double beta1, double beta2, double eps, double step_size, double inv_bc2_sqrt,
+                       double decay = 1.0) {
+  AdamConsts k{};
+  k.grad_mul = float(grad_mul);
+  k.l2 = 0.0f;
+  k.decay = float(decay);
+  k.beta1 = float(beta1), k.one_minus_beta1 = float(1.0 - beta1);
+  k.beta2 = float(beta2), k.one_minus_beta2 = float(1.0 - beta2);
+  k.step_size = float(step_size);
+  k.inv_bc2_sqrt = float(inv_bc2_sqrt);
+  k.eps = float(eps);
+  return k;
 }
 
 // Returns true when GradScaler found inf/NaN: then the whole step is skipped, steps included.
@@ -156,7 +163,7 @@ void check_quantized(const at::Tensor& codes, const at::Tensor& scales, int64_t 
               "fastopt: ", what, "_scales[", i, "] must be a contiguous float32 CPU tensor of ", blocks, " blocks");
 }
 
-// ---- the steps over float or quantized moments (the quantized Adam step, the SPAM family) -----------------------
+// ---- what every step op shares: its moments (float or quantized), checks, encoders, and the fused pass ----------
 // Moments are float tensors (bits 0) or block-quantized codes + scales (bits 4 or 8, with the two maps);
 // vmax (amsgrad's running max of v, float moments only) is empty unless amsgrad.
 struct MomentArgs {
@@ -181,7 +188,9 @@ std::vector<int64_t> check_moments(const MomentArgs& a, std::initializer_list<st
   bool same = int64_t(a.grads.size()) == n && int64_t(a.m.size()) == n && int64_t(a.v.size()) == n;
   if (a.bits) same = same && int64_t(a.m_scales.size()) == n && int64_t(a.v_scales.size()) == n;
   for (const auto& [list, what] : scalars) same = same && int64_t(list.size()) == n;
-  if (!a.vmax.empty()) same = same && a.bits == 0 && int64_t(a.vmax.size()) == n;
+  TORCH_CHECK(a.vmax.empty() || a.bits == 0, a.op, ": max_exp_avg_sqs (amsgrad) needs float moments (bits 0), got bits ",
+              a.bits);
+  if (!a.vmax.empty()) same = same && int64_t(a.vmax.size()) == n;
   TORCH_CHECK(same, a.op, ": all tensor lists must have the same length");
   if (a.bits) {
     TORCH_CHECK(a.m_map.has_value() && a.v_map.has_value(), a.op, ": quantized moments need exp_avg_map and exp_avg_sq_map");
@@ -273,215 +282,257 @@ void fused_update(const MomentArgs& a, const Encoders& encoders, Tame tame, cons
   });
 }
 
+// ---- Adam / AdamW ------------------------------------------------------------------------------------------------
+// hp = [lr, beta1, beta2, eps, weight_decay]. Moments as in MomentArgs: float tensors (bits 0) or codes + scales.
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               bool independent_decay) {
-  const std::optional<at::Tensor> no_map;
-  const MomentArgs a{"fastopt.adam_step", params, grads, exp_avgs, exp_avg_sqs, {}, {}, no_map, no_map, 0,
-                     max_exp_avg_sqs};
+               at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList max_exp_avg_sqs,
+               at::TensorList steps, const std::optional<at::Tensor>& exp_avg_map,
+               const std::optional<at::Tensor>& exp_avg_sq_map, int64_t bits, const at::Tensor& hp, bool decoupled,
+               bool maximize, bool independent_decay, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  const char* op = "fastopt.adam_step";
+  const std::vector<double> h = read_hyperparameters(hp, 5, op, "lr, beta1, beta2, eps, weight_decay");
+  const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
+  const MomentArgs a{op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+                     exp_avg_sq_map, bits, max_exp_avg_sqs};
   const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
-  fused_update(a, Encoders(a), Tame::none, sizes,
-               step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
+  const double grad_mul = (maximize ? -1.0 : 1.0) * grad_multiplier(grad_scale);
+  const double decay = decoupled ? 1.0 - (independent_decay ? 1.0 : lr) * weight_decay : 1.0;
+  std::vector<AdamConsts> consts(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double t = advance(steps[i]);
+    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+    consts[i] = adam_consts(grad_mul, beta1, beta2, eps, lr / bc1, 1.0 / std::sqrt(bc2), decay);
+    if (!decoupled) consts[i].l2 = float(weight_decay);
+  }
+  fused_update(a, Encoders(a), Tame::none, sizes, consts);
 }
 
-void adam_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
-                         at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_codes,
-                         at::TensorList exp_avg_sq_scales, at::TensorList steps, const at::Tensor& exp_avg_map,
-                         const at::Tensor& exp_avg_sq_map, int64_t bits, double lr, double beta1, double beta2,
-                         double eps, double weight_decay, bool decoupled, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                         bool independent_decay) {
-  bits_of(bits);
-  const std::optional<at::Tensor> m_map = exp_avg_map, v_map = exp_avg_sq_map;
-  const MomentArgs a{"fastopt.adam_step_quantized", params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
-                     exp_avg_sq_scales, m_map, v_map, bits};
-  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
-  if (skip_step(found_inf)) return;
-  fused_update(a, Encoders(a), Tame::none, sizes,
-               step_consts(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, independent_decay));
-}
+// ---- Stable-SPAM -------------------------------------------------------------------------------------------------
+// hp = [lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset]: scale is s (it multiplies beta1
+// and gamma1), reset is 1 on a step that resets the moments.
+//
+// Tensors go in groups of about kGroupBytes of gradient (one tensor if larger). Per group: the reductions (max|g| and
+// Σg² per chunk), AdaClip's constants, a second reduction over the chunks holding clipped entries, AdaGN's and
+// Adam's constants, then the update. The first reduction of the next group runs inside this group's update: with
+// low-bit moments (a compute-bound update) each update chunk prefetches the next group's gradient chunks that its
+// thread reduces right after it, so the reduction reads the cache; otherwise the two kinds of chunks interleave.
+class StableSpamStep {
+ public:
+  StableSpamStep(const MomentArgs& a, at::TensorList steps, at::TensorList stats_steps, at::TensorList m_norms,
+                 at::TensorList v_norms, at::TensorList m_maxes, const std::vector<double>& h, bool official,
+                 double grad_mul, std::vector<int64_t> sizes)
+      : a_(a), steps_(steps), stats_steps_(stats_steps), m_norms_(m_norms), v_norms_(v_norms), m_maxes_(m_maxes),
+        lr_(h[0]), beta1_(h[1] * h[8]), beta2_(h[2]), eps_(h[3]), weight_decay_(h[4]), gamma1_(h[5] * h[8]),
+        gamma2_(h[6]), theta_(h[7]), reset_(h[9] != 0.0), official_(official), grad_mul_(grad_mul),
+        sizes_(std::move(sizes)), encoders_(a), consts_(a.params.size()), stats_counter_(a.params.size()) {
+    const int64_t n = int64_t(sizes_.size());
+    group_bounds_.push_back(0);
+    for (int64_t lo = 0, hi = 0; lo < n; lo = hi) {
+      for (int64_t bytes = 0; hi < n && (hi == lo || bytes + gradient_bytes(hi) <= kGroupBytes); ++hi)
+        bytes += gradient_bytes(hi);
+      group_bounds_.push_back(hi);
+    }
+  }
+
+  void run() {
+    const size_t groups = group_bounds_.size() - 1;
+    if (groups == 0) return;  // no tensors
+    Reduction current(group_sizes(0));
+    parallel_each(int64_t(current.chunks.size()), [&](int64_t c) { reduce(current, c, INFINITY, 1.0f); });
+    for (size_t group = 0; group < groups; ++group) {
+      const int64_t first = group_bounds_[group], end = group_bounds_[group + 1];
+      adaclip(current, first, end);
+      reduce_clipped(current);
+      adagn_and_adam(current, first, end);
+      Reduction next(group_sizes(group + 1));
+      update(current, next);
+      current = std::move(next);
+    }
+  }
+
+ private:
+  static constexpr int64_t kGroupBytes = int64_t(8) << 20;
+
+  // max|g| and Σg² per chunk of one group's tensors; `sumsq` is redone over clipped chunks once AdaClip is known.
+  struct Reduction {
+    std::vector<Chunk> chunks;
+    std::vector<float> max;
+    std::vector<double> sumsq;
+    explicit Reduction(const std::vector<int64_t>& sizes) : chunks(split(sizes)), max(chunks.size()), sumsq(chunks.size()) {}
+  };
+
+  int64_t gradient_bytes(int64_t i) const { return sizes_[i] * a_.grads[i].element_size(); }
+
+  // Element counts of group g's tensors, 0 for the others (and for every tensor past the last group).
+  std::vector<int64_t> group_sizes(size_t g) const {
+    std::vector<int64_t> sizes(sizes_.size(), 0);
+    if (g + 1 < group_bounds_.size())
+      std::copy(sizes_.begin() + group_bounds_[g], sizes_.begin() + group_bounds_[g + 1], sizes.begin() + group_bounds_[g]);
+    return sizes;
+  }
+
+  void reduce(Reduction& r, int64_t c, float clip_thr, float clip_mul) const {
+    const Chunk& chunk = r.chunks[c];
+    const at::Tensor& g = a_.grads[chunk.tensor];
+    grad_stats_kernel(current_isa(), dtype_of(g, "grads"))(
+        static_cast<const char*>(g.data_ptr()) + chunk.begin * g.element_size(), chunk.end - chunk.begin,
+        float(grad_mul_), clip_thr, clip_mul, &r.max[c], &r.sumsq[c]);
+  }
+
+  // AdaClip per tensor: advance both counters, update the running max of max|g|, set the clip threshold. Empty tensors
+  // of the group advance too. Host math in double, statistics stored as float32 like the reference.
+  void adaclip(const Reduction& r, int64_t first, int64_t end) {
+    std::vector<float> tensor_max(sizes_.size(), 0.0f);
+    for (size_t c = 0; c < r.chunks.size(); ++c) {  // a max that keeps a NaN
+      float& m = tensor_max[r.chunks[c].tensor];
+      m = f32_to_bits(r.max[c]) > f32_to_bits(m) ? r.max[c] : m;
+    }
+    for (int64_t i = first; i < end; ++i) {
+      const double t = advance(steps_[i]), stats_t = advance(stats_steps_[i]);
+      stats_counter_[i] = official_ ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
+      float& m_max = *m_maxes_[i].data_ptr<float>();
+      const double max_abs = tensor_max[i];
+      m_max = float(theta_ * m_max + (1.0 - theta_) * max_abs);
+      const float threshold = float(m_max / (1.0 - std::pow(theta_, stats_counter_[i])));
+      consts_[i].clip_thr = threshold;
+      consts_[i].clip_mul = max_abs > 0.0 ? float(threshold / max_abs) : 1.0f;
+    }
+  }
+
+  // The sum of squares after AdaClip, re-read only over the chunks holding clipped entries.
+  void reduce_clipped(Reduction& r) const {
+    std::vector<int64_t> clipped;
+    for (size_t c = 0; c < r.chunks.size(); ++c)
+      if (!(r.max[c] <= consts_[r.chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
+    parallel_each(int64_t(clipped.size()), [&](int64_t k) {
+      const int64_t c = clipped[k];
+      reduce(r, c, consts_[r.chunks[c].tensor].clip_thr, consts_[r.chunks[c].tensor].clip_mul);
+    });
+  }
+
+  // AdaGN per tensor (the running norm statistics and the gradient's scale), then Adam's constants.
+  void adagn_and_adam(const Reduction& r, int64_t first, int64_t end) {
+    std::vector<double> sumsq(sizes_.size(), 0.0);
+    for (size_t c = 0; c < r.chunks.size(); ++c) sumsq[r.chunks[c].tensor] += r.sumsq[c];
+    for (int64_t i = first; i < end; ++i) {
+      const double norm = std::sqrt(sumsq[i]), u = stats_counter_[i];
+      float& m_norm = *m_norms_[i].data_ptr<float>();
+      float& v_norm = *v_norms_[i].data_ptr<float>();
+      m_norm = float(gamma1_ * m_norm + (1.0 - gamma1_) * norm);
+      v_norm = float(gamma2_ * v_norm + (1.0 - gamma2_) * norm * norm);
+      const double target = (m_norm / (1.0 - std::pow(gamma1_, u))) /
+                            (std::sqrt(v_norm / (1.0 - std::pow(gamma2_, u))) + eps_);
+      float& t = *steps_[i].data_ptr<float>();
+      if (reset_) t = 1.0f;
+      const double bc1 = 1.0 - std::pow(beta1_, double(t)), bc2 = 1.0 - std::pow(beta2_, double(t));
+      AdamConsts k = adam_consts(grad_mul_, beta1_, beta2_, eps_, lr_ / bc1, 1.0 / std::sqrt(bc2),
+                                 1.0 - lr_ * weight_decay_);
+      k.clip_thr = consts_[i].clip_thr;
+      k.clip_mul = consts_[i].clip_mul;
+      k.norm_mul = norm > 0.0 ? float(target / norm) : 1.0f;
+      k.keep_old = !(reset_ && !official_);  // corrected: the reset acts on its own step
+      k.keep_new = !(reset_ && official_);   // official: this update uses the old moments, zeros are stored (quirk (a))
+      consts_[i] = k;
+    }
+  }
+
+  void update_chunk_of(const Reduction& r, int64_t u, const AdamConsts& k) const {
+    const Chunk& c = r.chunks[u];
+    const Tame tame = r.max[u] <= k.clip_thr ? Tame::normalize : Tame::clip_normalize;  // nothing to clip: no test
+    update_chunk(a_, encoders_, tame, k, c.tensor, c.begin, c.end - c.begin);
+  }
+
+  // This group's update with the next group's first reduction spread among its chunks.
+  void update(const Reduction& current, Reduction& next) const {
+    const int64_t U = int64_t(current.chunks.size()), R = int64_t(next.chunks.size());
+    if (a_.bits != 0 && R <= 2 * U) {
+      // Compute-bound update: chunk u prefetches reduction chunks [r_begin, r_end) (at most two, spread evenly;
+      // those of r_begin's tensor, which are contiguous), and the same thread then reduces them from its cache.
+      parallel_each(U, [&](int64_t u) {
+        const int64_t r_begin = (u * R + U - 1) / U, r_end = ((u + 1) * R + U - 1) / U;
+        AdamConsts k = consts_[current.chunks[u].tensor];
+        if (r_begin < r_end) {
+          const Chunk& first = next.chunks[r_begin];
+          const Chunk& last = next.chunks[next.chunks[r_end - 1].tensor == first.tensor ? r_end - 1 : r_begin];
+          const at::Tensor& g = a_.grads[first.tensor];
+          k.warm = static_cast<const char*>(g.data_ptr()) + first.begin * g.element_size();
+          k.warm_bytes = (last.end - first.begin) * g.element_size();
+        }
+        update_chunk_of(current, u, k);
+        for (int64_t r = r_begin; r < r_end; ++r) reduce(next, r, INFINITY, 1.0f);
+      });
+      return;
+    }
+    // Float moments (a memory-bound update, nothing to hide under: this order measured faster for them), or many
+    // more reductions than updates (pairing would pile them onto few threads, or none: a group without chunks):
+    // reductions and updates as separate slots, evenly interleaved.
+    const int64_t total = U + R;
+    parallel_each(total, [&](int64_t slot) {
+      const int64_t reductions_before = slot * R / total;  // slot is a reduction when this count steps up
+      if ((slot + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
+      const int64_t u = slot - reductions_before;
+      update_chunk_of(current, u, consts_[current.chunks[u].tensor]);
+    });
+  }
+
+  const MomentArgs& a_;
+  at::TensorList steps_, stats_steps_, m_norms_, v_norms_, m_maxes_;
+  const double lr_, beta1_, beta2_, eps_, weight_decay_, gamma1_, gamma2_, theta_;  // beta1_, gamma1_: times s
+  const bool reset_, official_;
+  const double grad_mul_;
+  const std::vector<int64_t> sizes_;
+  const Encoders encoders_;
+  std::vector<int64_t> group_bounds_;   // group g: tensors [group_bounds_[g], group_bounds_[g + 1])
+  std::vector<AdamConsts> consts_;      // per tensor: AdaClip's threshold first, then everything
+  std::vector<double> stats_counter_;   // per tensor: the counter AdaClip and AdaGN bias-correct with
+};
 
 void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList steps,
                       at::TensorList stats_steps, at::TensorList m_norms, at::TensorList v_norms,
                       at::TensorList m_maxes, const std::optional<at::Tensor>& exp_avg_map,
-                      const std::optional<at::Tensor>& exp_avg_sq_map, int64_t bits, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, double gamma1, double gamma2, double gamma3,
-                      double scale, bool reset, bool official, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& exp_avg_sq_map, int64_t bits, const at::Tensor& hp,
+                      bool official, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf) {
-  const MomentArgs a{"fastopt.stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                   exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits};
-  const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
-                                                    {m_norms, "m_norms"}, {v_norms, "v_norms"}, {m_maxes, "m_maxes"}});
+  const char* op = "fastopt.stable_spam_step";
+  const std::vector<double> h = read_hyperparameters(
+      hp, 10, op, "lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset");
+  const MomentArgs a{op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+                     exp_avg_sq_map, bits};
+  std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
+                                                 {m_norms, "m_norms"}, {v_norms, "v_norms"}, {m_maxes, "m_maxes"}});
   if (skip_step(found_inf)) return;
-  const double grad_mul = grad_multiplier(grad_scale), theta = gamma3, g1 = gamma1 * scale, b1 = beta1 * scale;
-  const int64_t n = int64_t(params.size());
-  const Isa isa = current_isa();
-  const Encoders encoders(a);
-  std::vector<AdamConsts> consts(n);
-
-  // One group of tensors at a time, about kGroupBytes of gradient each (one tensor if larger). The first reduction
-  // of the next group runs inside the update pass of this one. With low-bit moments the update is compute-bound
-  // and the reduction memory-bound: a thread reduces a chunk of the next group's gradient right after updating a
-  // chunk that prefetched it as it went (AdamConsts::warm), so the update hides the reduction's memory traffic.
-  // The update of the next group then re-reads gradients that the reduction has just brought into the cache.
-  constexpr int64_t kGroupBytes = int64_t(8) << 20;
-  std::vector<int64_t> bounds{0};  // group g: tensors [bounds[g], bounds[g + 1])
-  for (int64_t lo = 0, hi = 0; lo < n; lo = hi) {
-    for (int64_t bytes = 0; hi < n && (hi == lo || bytes + sizes[hi] * grads[hi].element_size() <= kGroupBytes); ++hi)
-      bytes += sizes[hi] * grads[hi].element_size();
-    bounds.push_back(hi);
-  }
-  const size_t num_groups = bounds.size() - 1;
-  if (num_groups == 0) return;  // no tensors
-  auto group_sizes = [&](size_t g) {  // the element count of group g's tensors, 0 for the others (and past the end)
-    std::vector<int64_t> group(n, 0);
-    if (g < num_groups) std::copy(sizes.begin() + bounds[g], sizes.begin() + bounds[g + 1], group.begin() + bounds[g]);
-    return group;
-  };
-
-  // max|g| and the sum of g² per chunk of a group; `sum` is redone over clipped chunks once AdaClip is known.
-  struct Stats {
-    std::vector<Chunk> chunks;
-    std::vector<float> max;
-    std::vector<double> sum;
-    explicit Stats(const std::vector<int64_t>& group) : chunks(split(group)), max(chunks.size()), sum(chunks.size()) {}
-  };
-  auto reduce = [&](Stats& s, int64_t c, float thr, float mul) {
-    const Chunk& k = s.chunks[c];
-    const at::Tensor& g = grads[k.tensor];
-    grad_stats_kernel(isa, dtype_of(g, "grads"))(static_cast<const char*>(g.data_ptr()) + k.begin * g.element_size(),
-                                                  k.end - k.begin, float(grad_mul), thr, mul, &s.max[c], &s.sum[c]);
-  };
-  Stats stats(group_sizes(0));
-  parallel_each(int64_t(stats.chunks.size()), [&](int64_t c) { reduce(stats, c, INFINITY, 1.0f); });
-
-  for (size_t group = 0; group < num_groups; ++group) {
-    const std::vector<Chunk>& chunks = stats.chunks;
-    // AdaClip per tensor (host math in double, statistics stored as float32 like the reference).
-    std::vector<float> tensor_max(n, 0.0f);
-    for (size_t c = 0; c < chunks.size(); ++c)  // max that keeps a NaN
-      tensor_max[chunks[c].tensor] = f32_to_bits(stats.max[c]) > f32_to_bits(tensor_max[chunks[c].tensor])
-                                         ? stats.max[c] : tensor_max[chunks[c].tensor];
-    std::vector<double> u(n);
-    const int64_t first = bounds[group], end = bounds[group + 1];  // empty tensors too: their counters advance
-    for (int64_t i = first; i < end; ++i) {
-      float& t = *steps[i].data_ptr<float>();
-      float& stats_t = *stats_steps[i].data_ptr<float>();
-      t += 1.0f;
-      stats_t += 1.0f;
-      u[i] = official ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
-      float& m_max = *m_maxes[i].data_ptr<float>();
-      const double M = tensor_max[i];
-      m_max = float(theta * m_max + (1.0 - theta) * M);
-      const float thr = float(m_max / (1.0 - std::pow(theta, u[i])));
-      consts[i].clip_thr = thr;
-      consts[i].clip_mul = M > 0.0 ? float(thr / M) : 1.0f;
-    }
-    // Pass 2, only over chunks holding clipped entries: their sum of squares after AdaClip.
-    std::vector<int64_t> clipped;
-    for (size_t c = 0; c < chunks.size(); ++c)
-      if (!(stats.max[c] <= consts[chunks[c].tensor].clip_thr)) clipped.push_back(int64_t(c));
-    for_chunks(clipped, [&](int64_t c) {
-      reduce(stats, c, consts[chunks[c].tensor].clip_thr, consts[chunks[c].tensor].clip_mul);
-    });
-    std::vector<double> sumsq(n, 0.0);
-    for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += stats.sum[c];
-
-    // AdaGN and the Adam constants per tensor.
-    for (int64_t i = first; i < end; ++i) {
-      const double norm = std::sqrt(sumsq[i]);
-      float& m_norm = *m_norms[i].data_ptr<float>();
-      float& v_norm = *v_norms[i].data_ptr<float>();
-      m_norm = float(g1 * m_norm + (1.0 - g1) * norm);
-      v_norm = float(gamma2 * v_norm + (1.0 - gamma2) * norm * norm);
-      const double c =
-          (m_norm / (1.0 - std::pow(g1, u[i]))) / (std::sqrt(v_norm / (1.0 - std::pow(gamma2, u[i]))) + eps);
-      float& t = *steps[i].data_ptr<float>();
-      if (reset) t = 1.0f;
-      const double bc1 = 1.0 - std::pow(b1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-      AdamConsts& k = consts[i];
-      k.grad_mul = float(grad_mul);
-      k.l2 = 0.0f;
-      k.decay = float(1.0 - lr * weight_decay);
-      k.beta1 = float(b1), k.one_minus_beta1 = float(1.0 - b1), k.beta2 = float(beta2),
-      k.one_minus_beta2 = float(1.0 - beta2);
-      k.step_size = float(lr / bc1);
-      k.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
-      k.eps = float(eps);
-      k.norm_mul = norm > 0.0 ? float(c / norm) : 1.0f;
-      k.keep_old = !(reset && !official);  // corrected: the reset acts on its own step
-      k.keep_new = !(reset && official);   // official: this update uses the old moments, zeros are stored (quirk (a))
-    }
-
-    // This group's update, with the next group's first reduction spread evenly among its chunks. Chunks with
-    // nothing to clip (most of them) skip AdaClip's per-element test.
-    Stats next(group_sizes(group + 1));
-    const int64_t U = int64_t(chunks.size()), R = int64_t(next.chunks.size());
-    auto update = [&](int64_t u, const AdamConsts& k) {
-      const Chunk& c = chunks[u];
-      const Tame tame = stats.max[u] <= k.clip_thr ? Tame::normalize : Tame::clip_normalize;
-      update_chunk(a, encoders, tame, k, c.tensor, c.begin, c.end - c.begin);
-    };
-    if (a.bits != 0 && R <= 2 * U) {
-      // Quantized moments (a compute-bound update): update chunk u prefetches reduction chunks [r_begin, r_end)
-      // (at most two, spread evenly; those of r_begin's tensor, which are contiguous), and the same thread then
-      // reduces them from its cache.
-      parallel_each(U, [&](int64_t u) {
-        const int64_t r_begin = (u * R + U - 1) / U, r_end = ((u + 1) * R + U - 1) / U;
-        AdamConsts k = consts[chunks[u].tensor];
-        if (r_begin < r_end) {
-          const Chunk& first = next.chunks[r_begin];
-          const Chunk& last = next.chunks[next.chunks[r_end - 1].tensor == first.tensor ? r_end - 1 : r_begin];
-          const at::Tensor& g = grads[first.tensor];
-          k.warm = static_cast<const char*>(g.data_ptr()) + first.begin * g.element_size();
-          k.warm_bytes = (last.end - first.begin) * g.element_size();
-        }
-        update(u, k);
-        for (int64_t r = r_begin; r < r_end; ++r) reduce(next, r, INFINITY, 1.0f);
-      });
-    } else {
-      // Float moments (a memory-bound update, nothing to hide under: this order measured faster for them), or many
-      // more reductions than updates (pairing would pile them onto few threads, or none: a group without chunks):
-      // reductions and updates as separate slots, evenly interleaved.
-      const int64_t total = U + R;
-      parallel_each(total, [&](int64_t slot) {
-        const int64_t reductions_before = slot * R / total;  // slot is a reduction when this count steps up
-        if ((slot + 1) * R / total > reductions_before) return reduce(next, reductions_before, INFINITY, 1.0f);
-        const int64_t u = slot - reductions_before;
-        update(u, consts[chunks[u].tensor]);
-      });
-    }
-    stats = std::move(next);
-  }
+  StableSpamStep(a, steps, stats_steps, m_norms, v_norms, m_maxes, h, official, grad_multiplier(grad_scale),
+                 std::move(sizes))
+      .run();
 }
 
+// ---- SPAM --------------------------------------------------------------------------------------------------------
+// hp = [lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip].
 void spam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, at::TensorList steps,
                const std::optional<at::Tensor>& exp_avg_map, const std::optional<at::Tensor>& exp_avg_sq_map,
-               int64_t bits, double lr, double beta1, double beta2, double eps, double weight_decay, double threshold,
-               double scale, bool reset, bool clip, const std::optional<at::Tensor>& grad_scale,
+               int64_t bits, const at::Tensor& hp, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
-  const MomentArgs a{"fastopt.spam_step", params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                   exp_avg_map, exp_avg_sq_map, bits};
+  const char* op = "fastopt.spam_step";
+  const std::vector<double> h =
+      read_hyperparameters(hp, 9, op, "lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip");
+  const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4], threshold = h[5],
+               scale = h[6];
+  const bool reset = h[7] != 0.0, clip = h[8] != 0.0;
+  const MomentArgs a{op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+                     exp_avg_sq_map, bits};
   const std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}});
   if (skip_step(found_inf)) return;
   std::vector<AdamConsts> consts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    float& t = *steps[i].data_ptr<float>();
-    t += 1.0f;  // keeps counting through resets: no fresh bias correction
-    const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-    AdamConsts& k = consts[i];
-    k.grad_mul = float(grad_multiplier(grad_scale));
-    k.l2 = 0.0f;
-    k.decay = 1.0f;
-    k.beta1 = float(beta1), k.one_minus_beta1 = float(1.0 - beta1), k.beta2 = float(beta2), k.one_minus_beta2 = float(1.0 - beta2);
-    k.step_size = float(scale * lr * std::sqrt(bc2) / bc1);
-    k.inv_bc2_sqrt = 1.0f;  // SPAM's eps is added to sqrt(v) itself
-    k.eps = float(eps);
+    const double t = advance(steps[i]);  // keeps counting through resets: no fresh bias correction
+    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+    // SPAM's eps is added to sqrt(v) itself (inv_bc2_sqrt 1), its bias correction folded into the step size
+    AdamConsts& k = consts[i] = adam_consts(grad_multiplier(grad_scale), beta1, beta2, eps,
+                                            scale * lr * std::sqrt(bc2) / bc1, 1.0);
     k.spike_theta = clip ? float(threshold) : INFINITY;
     k.post_decay = float(1.0 - lr * weight_decay);
     k.keep_old = !reset;
@@ -516,38 +567,15 @@ at::Tensor dequantize_blockwise(const at::Tensor& codes, const at::Tensor& scale
 
 }  // namespace
 
-TORCH_LIBRARY(fastopt, m) {
-  m.def(
-      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "bool independent_decay=False) -> ()");
-  m.def(
-      "adam_step_quantized(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, "
-      "Tensor(c!)[] exp_avg_scales, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_scales, "
-      "Tensor(f!)[] steps, Tensor exp_avg_map, Tensor exp_avg_sq_map, int bits, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, bool independent_decay=False) -> ()");
-  m.def(
-      "stable_spam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] steps, Tensor(g!)[] stats_steps, "
-      "Tensor(h!)[] m_norms, Tensor(i!)[] v_norms, Tensor(j!)[] m_maxes, Tensor? exp_avg_map, Tensor? exp_avg_sq_map, "
-      "int bits, *, float lr, float beta1, float beta2, float eps, float weight_decay, float gamma1, float gamma2, "
-      "float gamma3, float scale, bool reset, bool official, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def(
-      "spam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales, Tensor(f!)[] steps, Tensor? exp_avg_map, "
-      "Tensor? exp_avg_sq_map, int bits, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float threshold, float scale, bool reset, bool clip, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def("quantize_blockwise(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)");
-  m.def("dequantize_blockwise(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor");
+// The op schemas, their fake kernels and the other backends are defined in Python (fastopt/ops/library.py), at
+// import; this library adds the CPU kernels, and two ops of its own that choose the SIMD code.
+TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.def("cpu_isa() -> str", &get_isa);
   m.def("set_cpu_isa(str isa) -> str", &set_isa);
 }
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("adam_step", &adam_step);
-  m.impl("adam_step_quantized", &adam_step_quantized);
   m.impl("stable_spam_step", &stable_spam_step);
   m.impl("spam_step", &spam_step);
   m.impl("quantize_blockwise", &quantize_blockwise);

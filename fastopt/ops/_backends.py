@@ -1,21 +1,22 @@
 """Which implementation runs an op: the reference (pure torch, any device), the C++ kernels (CPU),
-or Triton (GPUs; and CPU tensors under TRITON_INTERPRET=1, which is how the kernels are tested here)."""
+or Triton (GPUs; and CPU tensors under TRITON_INTERPRET=1, which is how the kernels are tested here); and the
+plumbing every op module shares to call them (storage split, contiguous copies)."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
-from fastopt import _ext
+from fastopt.ops import library
+from fastopt.quant.formats import Quantized
 
 BACKENDS = ("reference", "cpu", "triton")
+_TRITON = importlib.util.find_spec("triton") is not None  # decided at import: step() only reads it
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpreting() -> bool:
@@ -23,7 +24,7 @@ def triton_interpreting() -> bool:
 
 
 def cpu_available() -> bool:
-    return _ext.load() is not None
+    return library.CPU_KERNELS
 
 
 def check_backend(backend: str | None) -> None:
@@ -61,3 +62,27 @@ def run_contiguous(kernel, mutated: list[list[torch.Tensor]], read: list[list[to
         for t, c in zip(originals, copies):
             if c is not t:
                 t.copy_(c)
+
+
+def by_storage(moments: list) -> list[tuple[list[int], int]]:
+    """Tensor indices grouped by how their moments are stored: bits 0 (float tensors), 4 or 8 (codes + scales)."""
+    bits = [m.fmt.bits if isinstance(m, Quantized) else 0 for m in moments]
+    return [([i for i, b in enumerate(bits) if b == want], want) for want in sorted(set(bits))]
+
+
+def cpu_step(name: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]], hp: torch.Tensor,
+             **options) -> None:
+    """Runs the C++ step op ``torch.ops.fastopt.<name>`` once per storage format among the tensors: float moments
+    (bits 0), or 4-/8-bit codes, scales and the two maps. ``counters`` are the op's lists after the moments."""
+    op = getattr(torch.ops.fastopt, name)
+    for idx, bits in by_storage(exp_avgs):
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        ms, vs = pick(exp_avgs), pick(exp_avg_sqs)
+        if bits:
+            maps = [ms[0].fmt.table(), vs[0].fmt.table()]
+            moments = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
+        else:
+            maps, moments = [None, None], [ms, vs, [], []]
+        mutated = [pick(params), *moments, *[pick(c) if c else [] for c in counters]]
+        run_contiguous(lambda ps, *rest: op(ps, rest[-1], *rest[:-1], *maps, bits, hp, **options), mutated,
+                       [pick(grads)])

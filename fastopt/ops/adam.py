@@ -14,16 +14,17 @@ import math
 
 import torch
 
-from fastopt.ops._backends import resolve, run_contiguous
-from fastopt.ops.common import compute_dtype
+from fastopt.ops._backends import cpu_step, resolve, run_contiguous
+from fastopt.ops.common import as_number, compute_dtype, load_moment, skipped, store_moment
+from fastopt.ops.library import pack_hyperparameters
 from fastopt.quant.formats import Quantized
 
 
 def adam_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor | Quantized],
+    exp_avg_sqs: list[torch.Tensor | Quantized],
     max_exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
@@ -44,68 +45,50 @@ def adam_step(
     A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
     tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
     only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
-    ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device; the
-    reference and C++ paths (host code) read their values."""
+    ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device, the C++ op
+    takes them as data (its ``hp`` tensor), the reference reads their values."""
     if not params:
         return
+    if max_exp_avg_sqs and any(isinstance(m, Quantized) for m in exp_avgs):
+        raise ValueError("adam_step: amsgrad is not supported with quantized moments")
     backend = resolve(backend, params[0].device)
-    if backend != "triton":
-        beta1, beta2, eps, weight_decay = (float(x) for x in (beta1, beta2, eps, weight_decay))
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-              maximize=maximize, independent_decay=independent_decay, grad_scale=grad_scale, found_inf=found_inf)
-    quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]
-    if quantized:
-        if max_exp_avg_sqs:
-            raise ValueError("adam_step: amsgrad is not supported with quantized moments")
-        plain = [i for i in range(len(params)) if i not in set(quantized)]
-        pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
-        for bits in sorted({exp_avgs[i].fmt.bits for i in quantized}):
-            idx = [i for i in quantized if exp_avgs[i].fmt.bits == bits]
-            _adam_quantized(pick(params, idx), pick(grads, idx), pick(exp_avgs, idx), pick(exp_avg_sqs, idx),
-                            pick(steps, idx), backend=backend, **hp)
-        params, grads, exp_avgs, exp_avg_sqs, steps = (pick(xs, plain) for xs in (params, grads, exp_avgs,
-                                                                                     exp_avg_sqs, steps))
-        if not params:
-            return
-    if backend == "reference":
-        _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp)
-    elif backend == "cpu":
-        hp["lr"] = float(lr)
-        run_contiguous(lambda p, m, v, vmax, g: torch.ops.fastopt.adam_step(p, g, m, v, vmax, steps, **hp),
-                       [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [grads])
+    flags = dict(decoupled=decoupled, maximize=maximize, independent_decay=independent_decay)
+    amp = dict(grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "cpu":
+        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+        cpu_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, [max_exp_avg_sqs, steps], hp, **flags, **amp)
+    elif backend == "reference":
+        numbers = {k: as_number(v) for k, v in dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay).items()}
+        _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, **numbers, **flags, **amp)
     elif backend == "triton":
-        from fastopt.kernels.triton.adam import adam_step as triton_adam_step
-
-        run_contiguous(lambda p, m, v, vmax, g: triton_adam_step(p, g, m, v, vmax, steps, **hp),
-                       [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [grads])
+        _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay, **flags, **amp)
     else:
         raise ValueError(f"unknown backend {backend!r}")
 
 
-def _adam_quantized(params, grads, exp_avgs, exp_avg_sqs, steps, *, backend, **hp) -> None:
-    if backend == "reference":
-        if hp["found_inf"] is not None and hp["found_inf"].item() != 0:
-            return
-        for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-            m32, v32 = m.dequantize(p.numel()).view(p.shape), v.dequantize(p.numel()).view(p.shape)
-            _reference([p], [g], [m32], [v32], [], [step], **dict(hp, found_inf=None))
-            m.assign(m32)
-            v.assign(v32)
-    elif backend == "cpu":
-        hp["lr"] = float(hp["lr"])
-        m_fmt, v_fmt = exp_avgs[0].fmt, exp_avg_sqs[0].fmt
-        run_contiguous(lambda ps, g: torch.ops.fastopt.adam_step_quantized(
-            ps, g, [m.codes for m in exp_avgs], [m.scales for m in exp_avgs], [v.codes for v in exp_avg_sqs],
-            [v.scales for v in exp_avg_sqs], steps, m_fmt.table(), v_fmt.table(), m_fmt.bits, **hp), [params], [grads])
-    else:
-        from fastopt.kernels.triton.adam_quantized import adam_step_quantized
+def _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp) -> None:
+    """The Triton launchers: one for float moments, one for quantized ones (all params of a call share a kind)."""
+    from fastopt.kernels.triton.adam import adam_step as float_moments
+    from fastopt.kernels.triton.adam_quantized import adam_step_quantized
 
-        run_contiguous(lambda ps, g: adam_step_quantized(ps, g, exp_avgs, exp_avg_sqs, steps, **hp), [params], [grads])
+    quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]
+    plain = [i for i in range(len(params)) if not isinstance(exp_avgs[i], Quantized)]
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    if quantized:
+        run_contiguous(lambda ps, g: adam_step_quantized(ps, g, pick(exp_avgs, quantized), pick(exp_avg_sqs, quantized),
+                                                          pick(steps, quantized), **hp),
+                       [pick(params, quantized)], [pick(grads, quantized)])
+    if plain:
+        vmax = pick(max_exp_avg_sqs, plain) if max_exp_avg_sqs else []
+        run_contiguous(lambda p, m, v, vm, g: float_moments(p, g, m, v, vm, pick(steps, plain), **hp),
+                       [pick(params, plain), pick(exp_avgs, plain), pick(exp_avg_sqs, plain), vmax],
+                       [pick(grads, plain)])
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
                weight_decay, decoupled, maximize, independent_decay, grad_scale, found_inf) -> None:
-    if found_inf is not None and found_inf.item() != 0:
+    if skipped(found_inf):
         return
     amsgrad = len(max_exp_avg_sqs) > 0
     for i, p in enumerate(params):
@@ -121,10 +104,10 @@ def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             param = param * (1 - (1 if independent_decay else lr) * weight_decay)
         else:
             grad = grad + weight_decay * param
-        exp_avg = beta1 * exp_avgs[i].to(compute) + (1 - beta1) * grad
-        exp_avg_sq = beta2 * exp_avg_sqs[i].to(compute) + (1 - beta2) * grad * grad
-        exp_avgs[i].copy_(exp_avg)
-        exp_avg_sqs[i].copy_(exp_avg_sq)
+        exp_avg = beta1 * load_moment(exp_avgs[i], p, compute) + (1 - beta1) * grad
+        exp_avg_sq = beta2 * load_moment(exp_avg_sqs[i], p, compute) + (1 - beta2) * grad * grad
+        store_moment(exp_avgs[i], exp_avg)
+        store_moment(exp_avg_sqs[i], exp_avg_sq)
         if amsgrad:
             exp_avg_sq = torch.maximum(exp_avg_sq, max_exp_avg_sqs[i].to(compute))
             max_exp_avg_sqs[i].copy_(exp_avg_sq)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fastopt.quant.formats import Quantized
+
 COMPAT = (None, "official")  # compat=: fastopt's corrected arithmetic, or the official code's, quirks included
 
 
@@ -21,3 +23,33 @@ def as_number(value: float | torch.Tensor) -> float:
 def check_compat(owner: str, compat) -> None:
     if compat not in COMPAT:
         raise ValueError(f"{owner}: compat must be one of {COMPAT}, got {compat!r}")
+
+
+# ---- the reference implementations' moments: float tensors or Quantized, read and written alike ---------------------
+def load_moment(moment: torch.Tensor | Quantized, like: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """A moment's values in ``compute`` dtype, shaped as ``like`` (a Quantized one is decoded)."""
+    if isinstance(moment, Quantized):
+        return moment.dequantize(like.numel()).view(like.shape).to(compute)
+    return moment.to(compute)
+
+
+def store_moment(moment: torch.Tensor | Quantized, value: torch.Tensor) -> None:
+    if isinstance(moment, Quantized):
+        moment.assign(value)
+    else:
+        moment.copy_(value)
+
+
+def zero_moment(moment: torch.Tensor | Quantized) -> None:
+    """A momentum reset. A quantized moment loses its codes and its scales: the second moment's map has no 0, so
+    only scale 0 makes a block decode to 0."""
+    if isinstance(moment, Quantized):
+        moment.codes.zero_()
+        moment.scales.zero_()
+    else:
+        moment.zero_()
+
+
+def skipped(found_inf: torch.Tensor | None) -> bool:
+    """Whether GradScaler found inf/NaN this step (a host read: the reference path's)."""
+    return found_inf is not None and found_inf.item() != 0

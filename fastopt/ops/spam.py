@@ -37,8 +37,10 @@ import math
 
 import torch
 
-from fastopt.ops._backends import resolve, run_contiguous
-from fastopt.ops.common import check_compat, compute_dtype
+from fastopt.ops._backends import cpu_step, resolve, run_contiguous
+from fastopt.ops.common import (as_number, check_compat, compute_dtype, load_moment, skipped, store_moment,
+                                zero_moment)
+from fastopt.ops.library import pack_hyperparameters
 from fastopt.quant.formats import Quantized
 
 
@@ -111,23 +113,21 @@ def stable_spam_step(
     if not params:
         return
     backend = resolve(backend, params[0].device)
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
-              gamma3=gamma3, scale=scale, reset=reset, official=compat == "official", grad_scale=grad_scale,
-              found_inf=found_inf)
     stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
-    if backend != "triton":
-        hp = _host_numbers(hp, "beta1", "beta2", "eps", "weight_decay", "gamma1", "gamma2", "gamma3")
+    official, amp = compat == "official", dict(grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "cpu":
+        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset)
+        cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, official=official, **amp)
+        return
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+              gamma3=gamma3, scale=as_number(scale), reset=bool(reset), official=official, **amp)
     if backend == "reference":
-        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, **hp)
-    elif backend == "cpu":
-        for idx, bits in _by_storage(exp_avgs):
-            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-            _run_cpu(torch.ops.fastopt.stable_spam_step, pick(params), pick(grads), pick(exp_avgs),
-                     pick(exp_avg_sqs), [pick(s) for s in stats], bits, hp)
+        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, **_host_numbers(hp))
     else:
         from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
 
-        _run_triton(triton_stable_spam_step, params, grads, exp_avgs, exp_avg_sqs, stats, hp)
+        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, **hp),
+                       [params], [grads])
 
 
 def spam_step(
@@ -156,80 +156,31 @@ def spam_step(
     if not params:
         return
     backend = resolve(backend, params[0].device)
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=threshold, scale=scale,
-              reset=reset, clip=clip, grad_scale=grad_scale, found_inf=found_inf)
-    if backend != "triton":
-        hp = _host_numbers(hp, "beta1", "beta2", "eps", "weight_decay")
+    amp = dict(grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "cpu":
+        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip)
+        cpu_step("spam_step", params, grads, exp_avgs, exp_avg_sqs, [steps], hp, **amp)
+        return
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=as_number(threshold),
+              scale=as_number(scale), reset=bool(reset), clip=bool(clip), **amp)
     if backend == "reference":
-        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hp)
-    elif backend == "cpu":
-        for idx, bits in _by_storage(exp_avgs):
-            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-            _run_cpu(torch.ops.fastopt.spam_step, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                     [pick(steps)], bits, hp)
+        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **_host_numbers(hp))
     else:
         from fastopt.kernels.triton.spam import spam_step as triton_spam_step
 
-        _run_triton(triton_spam_step, params, grads, exp_avgs, exp_avg_sqs, [steps], hp)
-
-
-# ---- fused implementations -------------------------------------------------------------------------------------
-def _host_numbers(hp: dict, *names: str) -> dict:
-    """hp with the named 0-d tensors read as numbers (for the backends whose math takes host scalars)."""
-    return dict(hp, **{k: float(hp[k]) for k in names if isinstance(hp[k], torch.Tensor)})
-
-
-def _by_storage(moments: list) -> list[tuple[list[int], int]]:
-    """Tensor indices grouped by how their moments are stored: bits 0 (float tensors), 4 or 8."""
-    bits = [m.fmt.bits if isinstance(m, Quantized) else 0 for m in moments]
-    return [([i for i, b in enumerate(bits) if b == want], want) for want in sorted(set(bits))]
-
-
-def _run_cpu(op, params, grads, exp_avgs, exp_avg_sqs, counters, bits, hp) -> None:
-    """One C++ op call for tensors whose moments share a storage: float tensors (bits 0) or codes + scales."""
-    hp = dict(hp, lr=float(hp["lr"]))
-    if bits:
-        maps = [exp_avgs[0].fmt.table(), exp_avg_sqs[0].fmt.table()]
-        m_scales, v_scales = [m.scales for m in exp_avgs], [v.scales for v in exp_avg_sqs]
-        exp_avgs, exp_avg_sqs = [m.codes for m in exp_avgs], [v.codes for v in exp_avg_sqs]
-    else:
-        maps, m_scales, v_scales = [None, None], [], []
-    # moments are the optimizer's own contiguous state; params and grads may be views
-    run_contiguous(lambda ps, gs: op(ps, gs, exp_avgs, exp_avg_sqs, m_scales, v_scales, *counters, *maps, bits, **hp),
-                   [params], [grads])
-
-
-def _run_triton(fn, params, grads, exp_avgs, exp_avg_sqs, counters, hp) -> None:
-    run_contiguous(lambda ps, gs: fn(ps, gs, exp_avgs, exp_avg_sqs, *counters, **hp), [params], [grads])
+        run_contiguous(lambda ps, gs: triton_spam_step(ps, gs, exp_avgs, exp_avg_sqs, steps, **hp), [params], [grads])
 
 
 # ---- reference implementation --------------------------------------------------------------------------------
+def _host_numbers(hp: dict) -> dict:
+    """hp with its 0-d tensor hyperparameters read as numbers: the reference's math takes host scalars."""
+    keep = ("grad_scale", "found_inf")
+    return {k: as_number(v) if isinstance(v, torch.Tensor) and k not in keep else v for k, v in hp.items()}
+
+
 def _bias_correction(beta: float, t: torch.Tensor) -> torch.Tensor:
     """1 − beta^t as a float64 0-d tensor (1 − 0.999 in float32 would be off by 1e-5 relative)."""
     return 1 - beta ** t.double()
-
-
-def _load(moment: torch.Tensor | Quantized, p: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    if isinstance(moment, Quantized):
-        return moment.dequantize(p.numel()).view(p.shape).to(compute)
-    return moment.to(compute)
-
-
-def _store(moment: torch.Tensor | Quantized, value: torch.Tensor) -> None:
-    if isinstance(moment, Quantized):
-        moment.assign(value)
-    else:
-        moment.copy_(value)
-
-
-def _zero(moment: torch.Tensor | Quantized) -> None:
-    """A momentum reset. A quantized moment loses its codes and its scales: the second moment's map has no 0, so
-    only scale 0 makes a block decode to 0."""
-    if isinstance(moment, Quantized):
-        moment.codes.zero_()
-        moment.scales.zero_()
-    else:
-        moment.zero_()
 
 
 def _grad(p: torch.Tensor, grad: torch.Tensor, grad_scale: torch.Tensor | None, compute: torch.dtype) -> torch.Tensor:
@@ -237,15 +188,11 @@ def _grad(p: torch.Tensor, grad: torch.Tensor, grad_scale: torch.Tensor | None, 
     return g if grad_scale is None else g / grad_scale.to(device=p.device, dtype=compute)
 
 
-def _skipped(found_inf: torch.Tensor | None) -> bool:
-    return found_inf is not None and found_inf.item() != 0
-
-
 def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *,
                            lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset, official,
                            grad_scale, found_inf) -> None:
     theta = gamma3
-    if _skipped(found_inf):
+    if skipped(found_inf):
         return
     b1, g1 = beta1 * scale, gamma1 * scale
     for i, p in enumerate(params):
@@ -276,17 +223,17 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
         if reset:
             steps[i].fill_(1)
             if not official:
-                _zero(exp_avgs[i])
-                _zero(exp_avg_sqs[i])
+                zero_moment(exp_avgs[i])
+                zero_moment(exp_avg_sqs[i])
         t = steps[i]
-        m = b1 * _load(exp_avgs[i], p, compute) + (1 - b1) * g
-        v = beta2 * _load(exp_avg_sqs[i], p, compute) + (1 - beta2) * g * g
+        m = b1 * load_moment(exp_avgs[i], p, compute) + (1 - b1) * g
+        v = beta2 * load_moment(exp_avg_sqs[i], p, compute) + (1 - beta2) * g * g
         if reset and official:  # quirk (a): this update used the old moments; the zeros count from the next step
-            _zero(exp_avgs[i])
-            _zero(exp_avg_sqs[i])
+            zero_moment(exp_avgs[i])
+            zero_moment(exp_avg_sqs[i])
         else:
-            _store(exp_avgs[i], m)
-            _store(exp_avg_sqs[i], v)
+            store_moment(exp_avgs[i], m)
+            store_moment(exp_avg_sqs[i], v)
         step_size = lr / _bias_correction(b1, t)
         denom = v.sqrt() / _bias_correction(beta2, t).sqrt() + eps
         p.copy_(param - step_size * m / denom)
@@ -294,23 +241,23 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
 
 def _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, threshold,
                     scale, reset, clip, grad_scale, found_inf) -> None:
-    if _skipped(found_inf):
+    if skipped(found_inf):
         return
     for i, p in enumerate(params):
         compute = compute_dtype(p)
         param, g = p.to(compute), _grad(p, grads[i], grad_scale, compute)
         if reset:
-            _zero(exp_avgs[i])
-            _zero(exp_avg_sqs[i])
+            zero_moment(exp_avgs[i])
+            zero_moment(exp_avg_sqs[i])
         steps[i] += 1
         t = steps[i]
-        m, v = _load(exp_avgs[i], p, compute), _load(exp_avg_sqs[i], p, compute)
+        m, v = load_moment(exp_avgs[i], p, compute), load_moment(exp_avg_sqs[i], p, compute)
         if clip:  # spike-aware clipping against v before this step's update
             g = torch.where(g * g > threshold * v, g.sign() * (threshold * v).sqrt(), g)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        _store(exp_avgs[i], m)
-        _store(exp_avg_sqs[i], v)
+        store_moment(exp_avgs[i], m)
+        store_moment(exp_avg_sqs[i], v)
         step_size = lr * _bias_correction(beta2, t).sqrt() / _bias_correction(beta1, t)
         param = param - scale * step_size * m / (v.sqrt() + eps)
         p.copy_(param - lr * weight_decay * param)

@@ -24,13 +24,15 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  maximize=False, decoupled_weight_decay=False, independent_weight_decay=False, state_bits=None,
-                 min_quant_size=4096, backend=None):
+                 min_quant_size=4096, backend=None, foreach=None, fused=None, capturable=False, differentiable=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay, independent_weight_decay=independent_weight_decay,
                         state_bits=state_bits, min_quant_size=min_quant_size)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _fill_missing_options(self, group: dict) -> None:
+        super()._fill_missing_options(group)
         for key in ("amsgrad", "maximize", "independent_weight_decay", "state_bits", "min_quant_size"):
             group.setdefault(key, self.defaults[key])
         group.setdefault("decoupled_weight_decay", self.defaults["decoupled_weight_decay"])
@@ -73,10 +75,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, independent_weight_decay=False, state_bits=None, min_quant_size=4096,
-                 backend=None):
+                 backend=None, foreach=None, fused=None, capturable=False, differentiable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, independent_weight_decay=independent_weight_decay,
-                         state_bits=state_bits, min_quant_size=min_quant_size, backend=backend)
+                         state_bits=state_bits, min_quant_size=min_quant_size, backend=backend, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
 
     def _fill_missing_options(self, group: dict) -> None:
         super()._fill_missing_options(group)

@@ -30,7 +30,7 @@ import torch
 from fastopt.galore import policy as galore
 from fastopt.galore import projector as galore_proj
 from fastopt.galore.step import GaLoreStepper
-from fastopt.ops import _backends
+from fastopt.ops import _backends, library
 from fastopt.ops.common import as_number
 from fastopt.optim import checkpoint
 from fastopt.optim.checkpoint import is_schedule
@@ -77,13 +77,47 @@ def check_adam_hyperparameters(owner: str, hp: dict) -> None:
 class FusedOptimizer(torch.optim.Optimizer):
     hyperparameters: tuple[str, ...] = ()  # group options that may be schedules or 0-d tensors
 
-    def __init__(self, params, defaults: dict, *, backend: str | None = None):
+    def __init__(self, params, defaults: dict, *, backend: str | None = None, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
         _backends.check_backend(backend)
-        self.backend = backend
-        self._step_count = 0  # step() calls so far; schedules are evaluated at this index
+        self.backend = self._backend_from_torch_flags(backend, foreach=foreach, fused=fused,
+                                                      differentiable=differentiable)
+        defaults = {**defaults, **dict(foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable)}
+        # step() calls so far (schedules are evaluated at this index): a tensor, so that a compiled step() takes it as
+        # data instead of recompiling for each new value
+        self._steps_taken = torch.zeros((), dtype=torch.int64)
         self._galore = GaLoreStepper()
+        self._host = library.register_host(self, FusedOptimizer._host_values)
         self._index: dict = {}  # param -> (group index, position among all params); rebuilt when a param is missing
         super().__init__(params, defaults)
+
+    def _backend_from_torch_flags(self, backend: str | None, *, foreach, fused, differentiable) -> str | None:
+        """torch.optim's implementation flags, with fastopt's meanings (docs: README, "torch's flags"): fused None or
+        True is fastopt's fused kernels (what backend=None picks); fused=False is the unfused pure-torch reference
+        path (backend="reference"); foreach and capturable change nothing (every fastopt step takes lists of tensors,
+        keeps its state on the params' device and never synchronizes with it); differentiable=True is refused."""
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise NotImplementedError(f"{self._name}: differentiable=True is not supported (fastopt's steps run under "
+                                      "no_grad); use torch.optim for a differentiable optimizer step")
+        if fused is False:
+            if backend not in (None, "reference"):
+                raise ValueError(f"{self._name}: fused=False runs the unfused reference implementation, which "
+                                 f"contradicts backend={backend!r}")
+            return "reference"
+        if fused and backend == "reference":
+            raise ValueError(f"{self._name}: fused=True contradicts backend='reference' (the unfused implementation)")
+        return backend
+
+    @property
+    def _step_count(self) -> int:
+        return int(self._steps_taken)
+
+    @_step_count.setter
+    def _step_count(self, value: int) -> None:
+        self._steps_taken.fill_(value)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -111,6 +145,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_hyperparameters(self, hp: dict) -> None:
         """Raises ValueError naming the argument; ``hp`` holds this step's resolved values."""
+
+    def _step_rules(self, group: dict, hp: dict, step: int) -> dict:
+        """Values this optimizer derives on the host from the step count (``step`` earlier steps) and ``hp``, e.g.
+        whether this step resets the moments; they reach ``_update`` in ``hp``. Keys as ``_step_rule_names``."""
+        return {}
+
+    def _step_rule_names(self, group: dict) -> tuple[str, ...]:
+        return ()
 
     def _update(self, group: dict, hp: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
         """One step of ``params`` (all with grads and initialized state) of one group."""
@@ -221,17 +263,73 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Check everything first, so that a bad value raises before anything is updated.
+        if torch.compiler.is_compiling():
+            hps = self._compiled_hyperparameters()
+        else:
+            step = self._step_count
+            hps = [self._group_hyperparameters(group, step) for group in self.param_groups]
         work = []
-        for g, group in enumerate(self.param_groups):
-            hp = self._hyperparameters(group, self._step_count, read_tensors=False)
+        for g, (group, hp) in enumerate(zip(self.param_groups, hps)):
             params = [p for p in group["params"] if p.grad is not None]
             for i, p in enumerate(params):
                 self._check_grad(p, f"param_groups[{g}]['params'][{i}]")
             work.append((group, hp, params))
         for group, hp, params in work:
             self._step_params(group, hp, params, grad_scale, found_inf)
-        self._step_count += 1
+        self._steps_taken.add_(1)
         return loss
+
+    # ---- the host part of a step ----------------------------------------------------------------------------
+    def _group_hyperparameters(self, group: dict, step: int) -> dict:
+        """The group's options for the step after ``step`` earlier ones: schedules evaluated and checked, and the
+        optimizer's step rules added. 0-d tensor values are passed through unread (they were checked when their
+        group was added; reading one again would make every step wait for the device)."""
+        hp = self._hyperparameters(group, step, read_tensors=False)
+        hp.update(self._step_rules(group, hp, step))
+        return hp
+
+    def _host_layout(self, group: dict) -> list[str]:
+        """What the host computes for a group at each step: its schedulable hyperparameters that are not tensors
+        ("betas.0" for a beta) and the step rules' values."""
+        names = []
+        for key in self.hyperparameters:
+            if key == "betas":
+                names += [f"betas.{i}" for i, b in enumerate(group["betas"]) if not isinstance(b, torch.Tensor)]
+            elif not isinstance(group[key], torch.Tensor):
+                names.append(key)
+        return list(dict.fromkeys(names + list(self._step_rule_names(group))))
+
+    def _host_values(self, step: int) -> list[float]:
+        """The host part of the step after ``step`` earlier ones, as floats in ``_host_layout`` order; a compiled
+        step() runs it through the opaque op fastopt::host_values."""
+        values = []
+        for group in self.param_groups:
+            hp = self._group_hyperparameters(group, step)
+            values += [float(hp["betas"][int(n[6:])] if n.startswith("betas.") else hp[n]) for n in self._host_layout(group)]
+        return values
+
+    def _compiled_hyperparameters(self) -> list[dict]:
+        """The groups' hyperparameters inside a compiled step(): what depends on the step count comes from one call of
+        fastopt::host_values (opaque to the compiler, so it runs at every step: schedules, step rules and plain
+        numbers, which an LRScheduler may change, are data in the graph); tensors pass through; the rest are the
+        group's constant options."""
+        layouts = [self._host_layout(group) for group in self.param_groups]
+        total = sum(map(len, layouts))
+        values = torch.ops.fastopt.host_values(self._steps_taken, self._host, total) if total else None
+        hps, i = [], 0
+        for group, layout in zip(self.param_groups, layouts):
+            hp = {key: group[key] for key in group.keys() if key != "params" and key not in layout}
+            betas = [None if f"betas.{k}" in layout else b for k, b in enumerate(group["betas"])] if "betas" in group else None
+            for name in layout:
+                if name.startswith("betas."):
+                    betas[int(name[6:])] = values[i]
+                else:
+                    hp[name] = values[i]
+                i += 1
+            if betas is not None:
+                hp["betas"] = tuple(betas)
+            hps.append(hp)
+        return hps
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor) -> None:
@@ -243,7 +341,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         g, position = self._locate(p)
         group = self.param_groups[g]
         self._check_grad(p, f"param_groups[{g}], param at position {position}")
-        hp = self._hyperparameters(group, self._step_count, read_tensors=False)
+        hp = self._group_hyperparameters(group, self._step_count)
         self._step_params(group, hp, [p], None, None)
 
     def _check_grad(self, p: torch.Tensor, where: str) -> None:
@@ -325,3 +423,5 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _fill_missing_options(self, group: dict) -> None:
         """Sets the options a loaded param group may lack (a torch checkpoint has no state_bits) to their defaults."""
+        for key in ("foreach", "fused", "capturable", "differentiable"):
+            group.setdefault(key, self.defaults[key])

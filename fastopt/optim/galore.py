@@ -45,12 +45,14 @@ class GaLoreAdamW(AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, amsgrad=False, *,
                  rank=None, update_proj_gap=200, scale=0.25, proj_type="std", refresh="svd", moments="keep",
-                 stagger=False, compat=None, maximize=False, state_bits=None, min_quant_size=4096, backend=None):
+                 stagger=False, compat=None, maximize=False, state_bits=None, min_quant_size=4096, backend=None,
+                 foreach=None, fused=None, capturable=False, differentiable=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=True, independent_weight_decay=False, state_bits=state_bits,
                         min_quant_size=min_quant_size, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, refresh=refresh, moments=moments, stagger=stagger, compat=compat)
-        FusedOptimizer.__init__(self, params, defaults, backend=backend)
+        FusedOptimizer.__init__(self, params, defaults, backend=backend, foreach=foreach, fused=fused,
+                                capturable=capturable, differentiable=differentiable)
 
     def _fill_missing_options(self, group: dict) -> None:
         super()._fill_missing_options(group)
@@ -66,13 +68,21 @@ class GaLoreAdamW(AdamW):
         rule, rate = super()._galore_weight_decay(group, hp)
         return ("after", rate) if group["compat"] == "official" else (rule, rate)
 
+    def _step_rule_names(self, group: dict) -> tuple[str, ...]:
+        return ("eps",) if group["compat"] == "official" else ()
+
+    def _step_rules(self, group: dict, hp: dict, step: int) -> dict:
+        """compat="official", transformers' AdamW: lr·√(1−β2^t)/(1−β1^t) · m/(√v + eps) is torch's form with
+        eps/√(1−β2^t) for eps, t = step + 1 (the optimizer's count: galore-torch counts per param)."""
+        if group["compat"] != "official":
+            return {}
+        beta2 = as_number(hp["betas"][1])
+        return {"eps": as_number(hp["eps"]) / math.sqrt(1 - beta2 ** (step + 1))}
+
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         if group["compat"] != "official":
             return super()._update(group, hp, params, grad_scale, found_inf)
-        # transformers' AdamW: lr·√(1−β2^t)/(1−β1^t) · m/(√v + eps) is torch's form with eps/√(1−β2^t) for eps.
-        beta2 = as_number(hp["betas"][1])
-        eps = as_number(hp["eps"]) / math.sqrt(1 - beta2 ** (self._step_count + 1))
-        super()._update(group, {**hp, "eps": eps, "weight_decay": 0.0}, params, grad_scale, found_inf)
+        super()._update(group, {**hp, "weight_decay": 0.0}, params, grad_scale, found_inf)
         rate = hp["lr"] * hp["weight_decay"]
         if isinstance(rate, torch.Tensor) or rate != 0:  # decay after the update (none on a step GradScaler skips)
             for p in params:

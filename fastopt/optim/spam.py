@@ -69,11 +69,12 @@ class StableSPAM(_SpamBase):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, gamma1=0.7, gamma2=0.9,
                  gamma3=0.999, update_proj_gap=1000, total_T=None, eta_min=0.5, *, compat=None, state_bits=None,
-                 min_quant_size=4096, backend=None):
+                 min_quant_size=4096, backend=None, foreach=None, fused=None, capturable=False, differentiable=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
                         gamma3=gamma3, update_proj_gap=update_proj_gap, total_T=total_T, eta_min=eta_min,
                         compat=compat, state_bits=state_bits, min_quant_size=min_quant_size)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _check_hyperparameters(self, hp: dict) -> None:
         check_adam_hyperparameters(self._name, hp)
@@ -92,18 +93,25 @@ class StableSPAM(_SpamBase):
             state[key] = torch.zeros((), dtype=compute_dtype(p), device=p.device)
         return state
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        T = self._step_count + 1  # the official counter is incremented before the step: 1 on the first step
+    def _step_rule_names(self, group: dict) -> tuple[str, ...]:
+        return ("scale", "reset")
+
+    def _step_rules(self, group: dict, hp: dict, step: int) -> dict:
+        """s (the cosine factor of β1 and γ1) and whether this step resets the moments: T = step + 1, as the
+        official counter is incremented before the step (1 on the first step)."""
         total_T = None if hp["total_T"] is None else int(as_number(hp["total_T"]))
-        s, reset = stable_spam_schedule(T, total_T=total_T, eta_min=as_number(hp["eta_min"]),
+        s, reset = stable_spam_schedule(step + 1, total_T=total_T, eta_min=as_number(hp["eta_min"]),
                                         update_proj_gap=int(as_number(hp["update_proj_gap"])))
+        return {"scale": s, "reset": float(reset)}
+
+    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         for (device, backend), ps in self._buckets(params).items():
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             scalars = lambda key: [self.state[p][key] for p in ps]  # noqa: E731
             stable_spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
                              scalars("step"), scalars("stats_step"), scalars("m_norm"), scalars("v_norm"),
                              scalars("m_max"), gamma1=hp["gamma1"], gamma2=hp["gamma2"],
-                             gamma3=hp["gamma3"], scale=s, reset=reset, compat=hp["compat"],
+                             gamma3=hp["gamma3"], scale=hp["scale"], reset=hp["reset"], compat=hp["compat"],
                              backend=backend, **self._common(device, hp, grad_scale, found_inf))
 
 
@@ -124,11 +132,12 @@ class SPAM(_SpamBase):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, warmup_steps=150,
                  threshold=5000, DeltaT=500, grad_accu_steps=20, *, state_bits=None, min_quant_size=4096,
-                 backend=None):
+                 backend=None, foreach=None, fused=None, capturable=False, differentiable=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         threshold=threshold, DeltaT=DeltaT, grad_accu_steps=grad_accu_steps, state_bits=state_bits,
                         min_quant_size=min_quant_size)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _check_hyperparameters(self, hp: dict) -> None:
         check_adam_hyperparameters(self._name, hp)
@@ -140,16 +149,24 @@ class SPAM(_SpamBase):
         """GaLore params decay after the update, as SPAM's own step does."""
         return "after", hp["lr"] * hp["weight_decay"]
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        threshold = as_number(hp["threshold"])
-        T = self._step_count  # SPAM's counter is incremented after the step: 0 on the first step
-        s, reset, clip = spam_schedule(T, warmup_steps=int(as_number(hp["warmup_steps"])),
+    def _step_rule_names(self, group: dict) -> tuple[str, ...]:
+        return ("scale", "reset", "clip")
+
+    def _step_rules(self, group: dict, hp: dict, step: int) -> dict:
+        """The update scale s, whether this step resets the moments, whether it clips spikes: SPAM's counter T is
+        incremented after the step (0 on the first step)."""
+        s, reset, clip = spam_schedule(step, warmup_steps=int(as_number(hp["warmup_steps"])),
                                        delta_t=int(as_number(hp["DeltaT"])),
-                                       grad_accu_steps=int(as_number(hp["grad_accu_steps"])), threshold=threshold)
+                                       grad_accu_steps=int(as_number(hp["grad_accu_steps"])),
+                                       threshold=as_number(hp["threshold"]))
+        return {"scale": s, "reset": float(reset), "clip": float(clip)}
+
+    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         for (device, backend), ps in self._buckets(params).items():
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
-                      [self.state[p]["step"] for p in ps], threshold=threshold, scale=s, reset=reset, clip=clip,
+                      [self.state[p]["step"] for p in ps], threshold=hp["threshold"], scale=hp["scale"],
+                      reset=hp["reset"], clip=hp["clip"],
                       backend=backend, **self._common(device, hp, grad_scale, found_inf))
 
 

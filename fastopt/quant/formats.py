@@ -11,8 +11,7 @@ same arithmetic in csrc/ and fastopt/kernels/triton/.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -54,8 +53,15 @@ class QuantFormat:
     block: int           # elements per fp32 scale
     qmap: tuple          # 2**bits sorted values in [-1, 1]
 
+    # the map as an fp32 tensor per device, made once (a plain dict, which torch.compile reads as it traces)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return _table(self, torch.device(device))
+        key = str(device)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = torch.tensor(self.qmap, dtype=torch.float32, device=device)
+        return table
 
     def num_blocks(self, n: int) -> int:
         return -(-n // self.block)
@@ -65,11 +71,6 @@ class QuantFormat:
 
     def bytes_per_element(self) -> float:
         return self.bits / 8 + 4 / self.block
-
-
-@lru_cache(maxsize=None)
-def _table(fmt: QuantFormat, device: torch.device) -> torch.Tensor:
-    return torch.tensor(fmt.qmap, dtype=torch.float32, device=device)
 
 
 SIGNED_4BIT = QuantFormat("4bit-signed", 4, 128, tuple(dynamic_map(True, 3, 4)))

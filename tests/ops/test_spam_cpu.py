@@ -132,25 +132,3 @@ def test_gradient_norm_is_accurate(cpu_isa, kind):
     m_norm, m_max = counters[2][0].item(), counters[4][0].item()
     assert m_norm / (1 - STABLE["gamma1"]) == pytest.approx(g.double().norm().item(), rel=3e-7)
     assert m_max == pytest.approx((1 - STABLE["gamma3"]) * g.abs().max().item(), rel=1e-7)
-
-
-def test_cpu_ops_take_empty_lists_and_check_list_lengths():
-    """The raw ops take a step over no tensors (the Python wrappers return early; the dispatcher reaches the CPU
-    kernel through the maps alone), and refuse lists of different lengths before touching anything."""
-    from fastopt.quant import FORMATS
-
-    maps = FORMATS[(4, True)].table(), FORMATS[(4, False)].table()
-    stable = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, gamma1=0.7, gamma2=0.9, gamma3=0.999,
-                  scale=1.0, reset=False, official=False)
-    spam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, threshold=5000.0, scale=1.0,
-                reset=False, clip=True)
-    assert torch.ops.fastopt.stable_spam_step([], [], [], [], [], [], [], [], [], [], [], *maps, 4, **stable) is None
-    assert torch.ops.fastopt.spam_step([], [], [], [], [], [], [], *maps, 4, **spam) is None
-    p, g, step = torch.zeros(8), torch.ones(8), torch.zeros(())
-    m, v = torch.zeros(8), torch.zeros(8)
-    with pytest.raises(RuntimeError, match=r"fastopt.spam_step: all tensor lists must have the same length"):
-        torch.ops.fastopt.spam_step([p], [g], [m], [v], [], [], [], None, None, 0, **spam)
-    with pytest.raises(RuntimeError, match=r"fastopt.stable_spam_step: all tensor lists must have the same length"):
-        torch.ops.fastopt.stable_spam_step([p], [g], [m], [v], [], [], [step], [step], [step], [step], [], None,
-                                           None, 0, **stable)
-    assert torch.equal(p, torch.zeros(8)) and step.item() == 0

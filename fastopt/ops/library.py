@@ -1,0 +1,119 @@
+"""The fastopt ops as torch sees them: schemas, fake kernels, and where each implementation comes from.
+
+Every fused op is a ``torch.library`` op in the ``fastopt`` namespace, defined here at import (never inside a
+step), so that ``torch.compile`` and ``torch.library.opcheck`` see it: a schema that marks what the op mutates
+(``Tensor(a!)[]``), a fake kernel (shapes only, for tracing), and a CPU kernel from the C++ extension (csrc/ops.cpp,
+loaded here too). The pure-torch reference and the Triton launchers are called by fastopt/ops/*.py directly.
+
+The three step ops share one shape: params, grads, both moments as float tensors (``bits`` 0) or as uint8 codes
+with fp32 scales and the two maps (``bits`` 4 or 8), the per-tensor counters and statistics, and ``hp``: the step's
+hyperparameters as one float64 CPU tensor, so that a compiled step takes them as data (an lr that changes every
+step recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
+
+    adam_step         lr, beta1, beta2, eps, weight_decay
+    stable_spam_step  lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset
+    spam_step         lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip
+
+``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
+a compiled ``step()`` calls back into Python for it at every step instead of baking its values into the graph.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Callable
+
+import torch
+
+from fastopt import _ext
+
+_STORAGE = "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales"
+_MAPS_BITS_HP = "Tensor? exp_avg_map, Tensor? exp_avg_sq_map, int bits, Tensor hp"
+_AMP = "Tensor? grad_scale=None, Tensor? found_inf=None"
+SCHEMAS = {
+    "adam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] max_exp_avg_sqs, "
+                 f"Tensor(g!)[] steps, {_MAPS_BITS_HP}, *, bool decoupled, bool maximize, bool independent_decay, "
+                 f"{_AMP}) -> ()",
+    "stable_spam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] steps, "
+                        f"Tensor(g!)[] stats_steps, Tensor(h!)[] m_norms, Tensor(i!)[] v_norms, Tensor(j!)[] m_maxes, "
+                        f"{_MAPS_BITS_HP}, *, bool official, {_AMP}) -> ()",
+    "spam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] steps, {_MAPS_BITS_HP}, *, "
+                 f"{_AMP}) -> ()",
+    "quantize_blockwise": "(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)",
+    "dequantize_blockwise": "(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor",
+    "host_values": "(Tensor step_count, int host, int n) -> Tensor",
+}
+HP_LAYOUTS = {
+    "adam_step": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+    "stable_spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "gamma1", "gamma2", "gamma3", "scale", "reset"),
+    "spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale", "reset", "clip"),
+}
+STEP_OPS = tuple(HP_LAYOUTS)
+BLOCK_SIZES = {4: 128, 8: 256}  # elements per scale (fastopt/quant/formats.py)
+
+_library = torch.library.Library("fastopt", "FRAGMENT")  # kept alive: the definitions last as long as it does
+for _name, _schema in SCHEMAS.items():
+    _library.define(_name + _schema)
+
+
+def _no_outputs(*args, **kwargs) -> None:  # the step ops only mutate their arguments
+    return None
+
+
+for _name in STEP_OPS:
+    torch.library.register_fake(f"fastopt::{_name}", _no_outputs, lib=_library)
+
+
+@torch.library.register_fake("fastopt::quantize_blockwise", lib=_library)
+def _(x, map, bits):
+    blocks = -(-x.numel() // BLOCK_SIZES[bits])
+    return (x.new_empty(blocks * BLOCK_SIZES[bits] * bits // 8, dtype=torch.uint8),
+            x.new_empty(blocks, dtype=torch.float32))
+
+
+@torch.library.register_fake("fastopt::dequantize_blockwise", lib=_library)
+def _(codes, scales, map, bits, n):
+    return scales.new_empty(n, dtype=torch.float32)
+
+
+# ---- the host part of a step ---------------------------------------------------------------------------------
+_hosts: dict[int, Callable[[int], list[float]]] = {}
+_host_ids = itertools.count()
+
+
+def register_host(owner: object, values: Callable[[object, int], list[float]]) -> int:
+    """Registers ``values(owner, step_count)`` (the floats an optimizer's step computes on the host) and returns the
+    id that ``host_values`` takes. The entry lives as long as ``owner``."""
+    key = next(_host_ids)
+    ref = weakref.ref(owner, lambda _: _hosts.pop(key, None))
+    _hosts[key] = lambda step: values(ref(), step)
+    return key
+
+
+def _host_values(step_count: torch.Tensor, host: int, n: int) -> torch.Tensor:
+    values = _hosts[host](int(step_count))
+    if len(values) != n:
+        raise RuntimeError(f"fastopt.host_values: the optimizer's host part gave {len(values)} values, the compiled "
+                           f"step expects {n} (its param groups changed after compiling?)")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+_library.impl("host_values", _host_values, "CPU")
+
+
+@torch.library.register_fake("fastopt::host_values", lib=_library)
+def _(step_count, host, n):
+    return step_count.new_empty(n, dtype=torch.float64)
+
+
+# The C++ extension: its CPU kernels attach to the ops defined above. Loaded here, at import, so that step() never
+# loads, builds or registers anything; without it CPU tensors take the reference path (after one warning).
+CPU_KERNELS = _ext.load() is not None
+
+
+def pack_hyperparameters(*values: float | torch.Tensor) -> torch.Tensor:
+    """``hp``: the values as one float64 CPU tensor (0-d tensors are stacked in, not read)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return torch.tensor(values, dtype=torch.float64)
+    return torch.stack([v.detach().to("cpu", torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                        else torch.tensor(float(v), dtype=torch.float64) for v in values])

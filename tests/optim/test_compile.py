@@ -1,0 +1,131 @@
+"""torch.compile of fastopt's step(): one graph (fullgraph=True) for every optimizer and state format on the CPU
+path, the eager result bit for bit (the same C++ kernels run), and no recompiles when the lr changes every step,
+be it a schedule, a float set by an LRScheduler, or a tensor an LRScheduler fills. The recipe is in the README."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+
+import fastopt
+from fastopt.schedules import Cosine
+from tests.optim.cases import CASES
+from tests.optim.test_common import batches, model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def run(net, step, data, after_step=None):
+    for x, y in data:
+        net.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        step()
+        if after_step is not None:
+            after_step()
+
+
+def assert_same_state(a, b):
+    for p, q in zip(a.state.values(), b.state.values()):
+        assert p.keys() == q.keys()
+        for key in p:
+            assert torch.equal(p[key], q[key]), key
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_compiled_step_is_one_graph_equal_to_eager_and_never_recompiles(case):
+    """lr follows a schedule, so its value changes at every step: after the first two calls (state creation, then
+    the steady step) nothing compiles again."""
+    eager_net, compiled_net = model(), model()
+    lr = Cosine(peak=1e-2, total=12, warmup=3)
+    eager, compiled = case.make(eager_net.parameters(), lr=lr), case.make(compiled_net.parameters(), lr=lr)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(compiled.step, fullgraph=True, backend=counter)
+    data = batches(12)
+    run(eager_net, eager.step, data)
+    run(compiled_net, step, data[:3])
+    frames = counter.frame_count
+    run(compiled_net, step, data[3:])
+    assert frames <= 2 and counter.frame_count == frames
+    for p, q in zip(eager_net.parameters(), compiled_net.parameters()):
+        assert torch.equal(p, q)
+    assert_same_state(eager, compiled)
+    assert compiled._step_count == eager._step_count == 12
+
+
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01)], ids=["float lr", "tensor lr"])
+def test_lr_scheduler_drives_a_compiled_step_without_recompiling(lr):
+    """torch's compiled-optimizer recipe: an LRScheduler steps outside the compiled step. fastopt takes the lr as data
+    whether the scheduler writes floats into the param groups or fills a tensor lr in place. (The scheduler wraps
+    opt.step in a function that torch.compile does not trace, for torch.optim too: compiled without fullgraph, the
+    step inside it is one graph.)"""
+    nets = model(), model()
+    opts = [fastopt.AdamW(n.parameters(), lr=copy.deepcopy(lr), state_bits=4, min_quant_size=0) for n in nets]
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10) for o in opts]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda: opts[1].step(), backend=counter)
+    data = batches(10)
+    run(nets[0], opts[0].step, data, schedulers[0].step)
+    run(nets[1], step, data[:2], schedulers[1].step)
+    frames = counter.frame_count
+    run(nets[1], step, data[2:], schedulers[1].step)
+    assert counter.frame_count == frames <= 3  # the wrapper's frame, then step()'s first and steady graphs
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(p, q)
+
+
+def test_inductor_compiles_the_step_into_the_same_result():
+    """The real backend (Inductor) on Stable-SPAM with 4-bit moments and a scheduled lr: bit for bit the eager run."""
+    nets = model(), model()
+    opts = [fastopt.StableSPAM(n.parameters(), lr=Cosine(peak=1e-2, total=8), update_proj_gap=3, state_bits=4,
+                               min_quant_size=0) for n in nets]
+    data = batches(8)
+    run(nets[0], opts[0].step, data)
+    run(nets[1], torch.compile(opts[1].step, fullgraph=True), data)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(p, q)
+    assert_same_state(*opts)
+
+
+def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
+    """forward, backward, opt.step() and zero_grad() in one compiled function: the difference from eager is within
+    what the same test gives for torch.optim.AdamW (the compiled forward and backward round differently)."""
+    def difference(make):
+        nets = model(), model()
+        opts = [make(n.parameters()) for n in nets]
+
+        def train_step(net, opt, x, y):
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        compiled = torch.compile(train_step)
+        for x, y in batches(10):
+            train_step(nets[0], opts[0], x, y)
+            compiled(nets[1], opts[1], x, y)
+        torch._dynamo.reset()
+        return max((p - q).abs().max().item() for p, q in zip(*(n.parameters() for n in nets)))
+
+    ours = difference(lambda ps: fastopt.AdamW(ps, lr=1e-2))
+    theirs = difference(lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    assert ours <= max(2 * theirs, 1e-6), (ours, theirs)
+
+
+def test_galore_groups_compile_with_graph_breaks():
+    """GaLore's refresh decisions are made on the host from its counters, so a GaLore group breaks the graph
+    (fullgraph=True is not supported for it); compiled without fullgraph it still gives the eager result."""
+    nets = model(), model()
+    opts = [fastopt.GaLoreAdamW([{"params": [n[0].weight], "rank": 4, "update_proj_gap": 3},
+                                 {"params": [n[0].bias, n[2].weight, n[2].bias]}], lr=1e-2) for n in nets]
+    data = batches(6)
+    run(nets[0], opts[0].step, data)
+    run(nets[1], torch.compile(opts[1].step, backend="aot_eager"), data)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(p, q)
