@@ -10,7 +10,7 @@ WHEEL  := dist/.wheel-built
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 # What each target installs; the versions come from constraints.txt.
 TEST_PACKAGES  := torch triton numpy ninja pybind11 setuptools build pytest pytest-benchmark tqdm scipy matplotlib \
-                  transformers torchao
+                  transformers torchao hypothesis expecttest
 BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer
 # Installed without its declared dependencies (bitsandbytes, transformers): tests and bench/galore.py load its modules
 # without the package __init__, which imports bitsandbytes (bench/galore.py: galore_torch()).
@@ -18,10 +18,11 @@ NO_DEPS_TEST_PACKAGES := galore-torch
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence
+.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m tests.sanitize
 
 bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) -m bench --readme README.md $(BENCH_ARGS)
@@ -52,6 +53,10 @@ $(WHEEL): $(DEPS) $(SOURCES) $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/
 
 aot: $(BUILT)
 	$(PY) -m fastopt.kernels.triton.aot
+
+# The op tests on the C++ kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize).
+sanitize: $(BUILT)
+	$(PY) -m tests.sanitize
 
 $(DEPS): constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

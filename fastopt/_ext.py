@@ -1,6 +1,7 @@
-"""Loads fastopt's compiled CPU ops (``torch.ops.fastopt.*``).
+"""Loads fastopt's compiled CPU kernels, the CPU implementations of the ``torch.ops.fastopt`` ops that
+fastopt/ops/library.py defines (and loads this from, at import).
 
-Order: the installed extension ``fastopt._C``; else, in a source checkout, a JIT build of csrc/ with ninja
+Order: the library named by ``FASTOPT_EXTENSION`` if set; the installed extension ``fastopt._C``; else, in a source checkout, a JIT build of csrc/ with ninja
 (cached by torch under ~/.cache/torch_extensions; ``FASTOPT_NO_JIT=1`` turns it off); else none, and CPU
 tensors take the reference path after one warning. Importing fastopt never fails because of this.
 """
@@ -15,15 +16,18 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def load() -> str | None:
-    """How the compiled ops were loaded: "installed", "jit", or None when they are unavailable."""
+    """How the compiled ops were loaded: "installed", "jit", "FASTOPT_EXTENSION" (the library that variable names,
+    e.g. the sanitizer build of tests/sanitize.py), or None when they are unavailable."""
+    chosen = os.environ.get("FASTOPT_EXTENSION")
+    if chosen:
+        torch.ops.load_library(chosen)
+        return "FASTOPT_EXTENSION"
     try:
         from fastopt import _C  # noqa: F401  (loading the library registers the ops)
 
         how = "installed"
     except ImportError as missing:
         how = _jit_build(missing)
-    if how is not None:
-        _register_fake_kernels()
     return how
 
 
@@ -47,11 +51,3 @@ def _jit_build(missing: ImportError) -> str | None:
     warnings.warn(f"fastopt: C++ CPU kernels unavailable: {reason}. CPU tensors use the slower reference path; "
                   "build the kernels with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=3)
     return None
-
-
-def _register_fake_kernels() -> None:
-    """Shape-only kernels so that torch.compile / opcheck can trace the in-place ops."""
-
-    @torch.library.register_fake("fastopt::adam_step")
-    def _(*args, **kwargs) -> None:
-        return None
