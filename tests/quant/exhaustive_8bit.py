@@ -2,7 +2,7 @@
 (arithmetic codes, proven exact when the Encoder is built) against the scalar build's plain threshold search, which
 the tests check against the reference. Each value sits in a block whose scale is 1, so it is encoded as y = x exactly.
 
-    python -m tests.quant.exhaustive_8bit   # not part of `make test`: here ~100 s per map with AVX2, 50 s with AVX-512
+    python -m tests.quant.exhaustive_8bit   # not part of `make test`: minutes per map on one core
 """
 from __future__ import annotations
 
