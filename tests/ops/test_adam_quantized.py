@@ -1,5 +1,5 @@
-"""The Adam step on block-quantized moments: every backend against the reference on the same quantized state,
-on sizes that break blocking (the 128/256-element quantization blocks, the CPU chunks, the Triton tiles)."""
+"""The Adam step on block-quantized moments beyond the parity cases of tests/ops/opinfo.py: 16-bit params rounded
+exactly, the AVX-512 register kernels bit-identical to AVX2, GradScaler, mixed storage in one call, any map pair."""
 import pytest
 import torch
 
@@ -20,32 +20,6 @@ def quantized_state(n, bits):
 
 def clone(q):
     return Quantized(q.codes.clone(), q.scales.clone(), q.fmt)
-
-
-@pytest.mark.parametrize("backend,isa", BACKENDS, ids=[f"{b}-{i}" if i else b for b, i in BACKENDS])
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n", [1, 127, 129, 255, 4097, 70_001])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_one_step_matches_reference(backend, isa, bits, n, dtype):
-    torch.ops.fastopt.set_cpu_isa(isa or "auto")
-    try:
-        p, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-        m, v = quantized_state(n, bits)
-        hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True)
-        want = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
-        got = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
-        adam_step(*want, backend="reference", **hp)
-        adam_step(*got, backend=backend, **hp)
-        torch.testing.assert_close(got[0][0], want[0][0], rtol=4 * ULP[dtype], atol=4 * ULP[dtype])
-        assert got[5][0].item() == 5.0
-        for a, b in ((got[2][0], want[2][0]), (got[3][0], want[3][0])):
-            torch.testing.assert_close(a.scales, b.scales, rtol=1e-6, atol=0)
-            # codes agree except where fp32 rounding of the update lands on a rounding boundary
-            assert (a.codes != b.codes).float().mean() < 1e-3
-            step = torch.tensor(a.fmt.qmap).diff().max().item() * b.scales.max().item()
-            assert (a.dequantize(n) - b.dequantize(n)).abs().max() <= step
-    finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
 
 
 @pytest.mark.parametrize("isa", cpu_isas())

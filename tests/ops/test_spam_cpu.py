@@ -1,36 +1,12 @@
-"""The C++ Stable-SPAM and SPAM steps against the reference, on every ISA this CPU runs: the trajectories of
-tests/ops/spam_trajectories.py (resets, spikes, an all-zero gradient, GradScaler, a skipped step) on sizes that break
-blocking and the 65536-element chunking, fp32/bf16/fp16 params, moments in fp32, bf16, 8-bit and 4-bit, both
-Stable-SPAM modes; then what only the C++ path does (chunked reductions, groups of tensors, argument checks)."""
+"""What only the C++ Stable-SPAM and SPAM steps do, beyond the parity trajectories of tests/ops/opinfo.py (run on
+every ISA by test_parity.py): AVX-512 bit-identical to AVX2, chunked reductions, groups of tensors, argument checks,
+the gradient norm's accuracy."""
 import pytest
 import torch
 
 from fastopt.ops.spam import spam_step, stable_spam_step
-from tests.conftest import ODD_SIZES, cpu_isas, on_cpu_isa
-from tests.ops.spam_trajectories import SPAM, STABLE, check_close, moments, trajectory
-
-CASES = [(n, torch.float32, torch.float32) for n in ODD_SIZES] + [
-    (4097, torch.bfloat16, torch.bfloat16), (4097, torch.float32, torch.bfloat16), (129, torch.float16, torch.float32),
-    (4097, torch.float32, 8), (70_001, torch.bfloat16, 8), (4097, torch.float32, 4), (70_001, torch.float32, 4)]
-
-
-@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("n,dtype,storage", CASES, ids=[f"{n}-{str(d)[6:]}-{s if isinstance(s, int) else str(s)[6:]}"
-                                                          for n, d, s in CASES])
-@pytest.mark.parametrize("compat", ["official", None], ids=["official", "corrected"])
-def test_stable_spam_cpu_matches_reference(cpu_isa, n, dtype, storage, compat):
-    ours = trajectory("stable", "cpu", n, dtype, storage, compat)
-    ref = trajectory("stable", "reference", n, dtype, storage, compat)
-    check_close(ours, ref, dtype, storage)
-
-
-@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
-@pytest.mark.parametrize("n,dtype,storage", CASES, ids=[f"{n}-{str(d)[6:]}-{s if isinstance(s, int) else str(s)[6:]}"
-                                                          for n, d, s in CASES])
-def test_spam_cpu_matches_reference(cpu_isa, n, dtype, storage):
-    check_close(trajectory("spam", "cpu", n, dtype, storage), trajectory("spam", "reference", n, dtype, storage),
-                dtype, storage)
-
+from tests.conftest import cpu_isas, on_cpu_isa
+from tests.ops.opinfo import SPAM, STABLE, moments, trajectory
 
 @pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
 @pytest.mark.parametrize("n", [65, 257, 70_001])

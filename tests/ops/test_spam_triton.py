@@ -1,45 +1,11 @@
-"""The Triton Stable-SPAM and SPAM steps (fastopt/kernels/triton/spam.py, in Triton's interpreter) against the
-reference: trajectories over two (SPAM) or three (Stable-SPAM) momentum resets on sizes that break blocking (the
-1024-element update tiles, the 4096-element reduction blocks, the 128/256-element quantization blocks), fp32 and bf16
-params, moments in fp32, bf16, 8-bit and 4-bit, both Stable-SPAM modes, a cosine factor s < 1, weight decay,
-GradScaler's grad_scale, gradients with spikes (x50) and an all-zero gradient, and a found_inf step in the middle that
-must change nothing."""
+"""What only the Triton Stable-SPAM and SPAM steps do (fastopt/kernels/triton/spam.py, in Triton's interpreter),
+beyond the parity trajectories of tests/ops/opinfo.py: the official reset's stored zeros, a tensor lr with mixed
+storage in one call, the clipped re-read of only the spiked block."""
 import pytest
 import torch
 
 from fastopt.ops.spam import spam_step, stable_spam_step
-from tests.ops.spam_trajectories import SPAM, STABLE, check_close, moments, trajectory
-
-# the skipped step computes with an inf gradient (and stores nothing): numpy, running the interpreter, warns
-skipped_step_warns = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
-
-
-F32, BF16 = torch.float32, torch.bfloat16
-CASES = ([(n, F32, F32) for n in (1, 127, 128, 129, 4095, 4097)]
-         + [(4097, F32, BF16), (4097, BF16, BF16), (4097, BF16, F32), (4097, F32, 8), (4097, BF16, 8), (129, F32, 4),
-            (4097, F32, 4), (4097, BF16, 4)])
-LARGE = (100_003, F32, F32)  # the interpreter runs ~60 programs a second: one large case per algorithm
-STABLE_CASES = [(*case, compat) for case in CASES for compat in ("official", None)] + [(*LARGE, None)]
-
-
-def name(n, dtype, storage, *compat):
-    mode = [c or "corrected" for c in compat]
-    return "-".join([str(n), str(dtype)[6:], f"{storage}bit" if isinstance(storage, int) else str(storage)[6:], *mode])
-
-
-@skipped_step_warns
-@pytest.mark.parametrize("n,dtype,storage,compat", STABLE_CASES, ids=[name(*c) for c in STABLE_CASES])
-def test_stable_spam_triton_matches_reference(n, dtype, storage, compat):
-    ours = trajectory("stable", "triton", n, dtype, storage, compat)
-    check_close(ours, trajectory("stable", "reference", n, dtype, storage, compat), dtype, storage)
-
-
-@skipped_step_warns
-@pytest.mark.parametrize("n,dtype,storage", CASES + [LARGE], ids=[name(*c) for c in CASES + [LARGE]])
-def test_spam_triton_matches_reference(n, dtype, storage):
-    ours = trajectory("spam", "triton", n, dtype, storage)
-    check_close(ours, trajectory("spam", "reference", n, dtype, storage), dtype, storage)
-
+from tests.ops.opinfo import BF16, F32, SPAM, STABLE, moments
 
 def test_official_reset_stores_zero_codes_and_scales():
     """Official mode: the reset step's update uses the old moments, and stores codes 0 and scales 0."""
