@@ -97,8 +97,8 @@ void for_each_chunk(const std::vector<int64_t>& sizes, const Fn& fn) {
   });
 }
 
-// A step's hyperparameters: the float64 CPU tensor `hp` of the op's schema, read here (on the host, where the
-// per-tensor constants are folded in double).
+// A step's hyperparameters: the float64 CPU tensor `hp` of the op's schema, in the order of HP_LAYOUTS in
+// fastopt/ops/library.py, read here (on the host, where the per-tensor constants are folded in double).
 std::vector<double> read_hyperparameters(const at::Tensor& hp, int64_t count, const char* op, const char* layout) {
   TORCH_CHECK(hp.device().is_cpu() && hp.scalar_type() == at::kDouble && hp.dim() == 1 && hp.numel() == count &&
                   hp.is_contiguous(),

@@ -121,8 +121,10 @@ class GaLoreStepper:
 
 
 def _apply_low_rank_update(p, update, left, right, scale, rule, rate) -> None:
-    """p ← p + α·(L·U·Rt) with the weight decay rule folded into addmm's β (a tensor rate, which the host must not
-    read, decays in a separate pass)."""
+    """p ← p + α·(L·U·Rt) with the weight decay rule folded into addmm's β (a tensor rate on a device, which the host
+    must not read, decays in a separate pass; on the CPU it is read, so that a tensor and a number round alike)."""
+    if isinstance(rate, torch.Tensor) and rate.device.type == "cpu":
+        rate = float(rate)
     if rule == "l2" or _is_zero(rate):
         proj.project_back_(p, update, left, right, alpha=scale)
     elif isinstance(rate, torch.Tensor):

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from fastopt.ops._backends import cpu_step, resolve, run_contiguous
-from fastopt.ops.common import as_number, compute_dtype, load_moment, skipped, store_moment
+from fastopt.ops._backends import by_storage, cpu_step, resolve, run_contiguous
+from fastopt.ops.common import ADAM_NUMBERS, compute_dtype, host_numbers, load_moment, skipped, store_moment
 from fastopt.ops.library import pack_hyperparameters
 from fastopt.quant.formats import Quantized
 
@@ -55,11 +55,11 @@ def adam_step(
     flags = dict(decoupled=decoupled, maximize=maximize, independent_decay=independent_decay)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     if backend == "cpu":
-        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+        hp = pack_hyperparameters("adam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         cpu_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, [max_exp_avg_sqs, steps], hp, **flags, **amp)
     elif backend == "reference":
-        numbers = {k: as_number(v) for k, v in dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay).items()}
-        _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, **numbers, **flags, **amp)
+        hp = host_numbers(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay), *ADAM_NUMBERS)
+        _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp, **flags, **amp)
     elif backend == "triton":
         _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
                 eps=eps, weight_decay=weight_decay, **flags, **amp)
@@ -68,22 +68,18 @@ def adam_step(
 
 
 def _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp) -> None:
-    """The Triton launchers: one for float moments, one for quantized ones (all params of a call share a kind)."""
+    """The Triton launchers: one for float moments, one for quantized ones, called per storage format."""
     from fastopt.kernels.triton.adam import adam_step as float_moments
     from fastopt.kernels.triton.adam_quantized import adam_step_quantized
 
-    quantized = [i for i, m in enumerate(exp_avgs) if isinstance(m, Quantized)]
-    plain = [i for i in range(len(params)) if not isinstance(exp_avgs[i], Quantized)]
-    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
-    if quantized:
-        run_contiguous(lambda ps, g: adam_step_quantized(ps, g, pick(exp_avgs, quantized), pick(exp_avg_sqs, quantized),
-                                                          pick(steps, quantized), **hp),
-                       [pick(params, quantized)], [pick(grads, quantized)])
-    if plain:
-        vmax = pick(max_exp_avg_sqs, plain) if max_exp_avg_sqs else []
-        run_contiguous(lambda p, m, v, vm, g: float_moments(p, g, m, v, vm, pick(steps, plain), **hp),
-                       [pick(params, plain), pick(exp_avgs, plain), pick(exp_avg_sqs, plain), vmax],
-                       [pick(grads, plain)])
+    for idx, bits in by_storage(exp_avgs):
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        ps, gs, ms, vs, ts = pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps)
+        if bits:
+            run_contiguous(lambda p, g: adam_step_quantized(p, g, ms, vs, ts, **hp), [ps], [gs])
+        else:
+            vmax = pick(max_exp_avg_sqs) if max_exp_avg_sqs else []
+            run_contiguous(lambda p, m, v, vm, g: float_moments(p, g, m, v, vm, ts, **hp), [ps, ms, vs, vmax], [gs])
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

@@ -20,6 +20,15 @@ def as_number(value: float | torch.Tensor) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def host_numbers(hp: dict, *names: str) -> dict:
+    """``hp`` with the named 0-d tensors read as numbers, for math that takes host scalars (the reference's); lr and
+    the others stay as they are (torch's arithmetic takes a 0-d tensor lr without reading it)."""
+    return {k: as_number(v) if k in names and isinstance(v, torch.Tensor) else v for k, v in hp.items()}
+
+
+ADAM_NUMBERS = ("beta1", "beta2", "eps", "weight_decay")  # what the reference reads of Adam's hyperparameters
+
+
 def check_compat(owner: str, compat) -> None:
     if compat not in COMPAT:
         raise ValueError(f"{owner}: compat must be one of {COMPAT}, got {compat!r}")

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from fastopt import _ext
+from fastopt.quant.formats import FORMATS
 
 _STORAGE = "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales"
 _MAPS_BITS_HP = "Tensor? exp_avg_map, Tensor? exp_avg_sq_map, int bits, Tensor hp"
@@ -49,7 +50,7 @@ HP_LAYOUTS = {
     "spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale", "reset", "clip"),
 }
 STEP_OPS = tuple(HP_LAYOUTS)
-BLOCK_SIZES = {4: 128, 8: 256}  # elements per scale (fastopt/quant/formats.py)
+BLOCK_SIZES = {bits: FORMATS[(bits, True)].block for bits in (4, 8)}  # elements per scale
 
 _library = torch.library.Library("fastopt", "FRAGMENT")  # kept alive: the definitions last as long as it does
 for _name, _schema in SCHEMAS.items():
@@ -111,8 +112,13 @@ def _(step_count, host, n):
 CPU_KERNELS = _ext.load() is not None
 
 
-def pack_hyperparameters(*values: float | torch.Tensor) -> torch.Tensor:
-    """``hp``: the values as one float64 CPU tensor (0-d tensors are stacked in, not read)."""
+def pack_hyperparameters(op: str, **named: float | torch.Tensor) -> torch.Tensor:
+    """``hp`` of step op ``op``: the named values in its HP_LAYOUTS order, as one float64 CPU tensor (0-d tensors are
+    stacked in, not read)."""
+    layout = HP_LAYOUTS[op]
+    if set(named) != set(layout):
+        raise TypeError(f"pack_hyperparameters: {op} takes {layout}, got {tuple(named)}")
+    values = [named[name] for name in layout]
     if not any(isinstance(v, torch.Tensor) for v in values):
         return torch.tensor(values, dtype=torch.float64)
     return torch.stack([v.detach().to("cpu", torch.float64).reshape(()) if isinstance(v, torch.Tensor)

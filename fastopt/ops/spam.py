@@ -38,8 +38,8 @@ import math
 import torch
 
 from fastopt.ops._backends import cpu_step, resolve, run_contiguous
-from fastopt.ops.common import (as_number, check_compat, compute_dtype, load_moment, skipped, store_moment,
-                                zero_moment)
+from fastopt.ops.common import (ADAM_NUMBERS, as_number, check_compat, compute_dtype, host_numbers, load_moment,
+                                skipped, store_moment, zero_moment)
 from fastopt.ops.library import pack_hyperparameters
 from fastopt.quant.formats import Quantized
 
@@ -97,8 +97,8 @@ def stable_spam_step(
     gamma1: float | torch.Tensor,
     gamma2: float | torch.Tensor,
     gamma3: float | torch.Tensor,
-    scale: float = 1.0,
-    reset: bool = False,
+    scale: float | torch.Tensor = 1.0,
+    reset: bool | float | torch.Tensor = False,
     compat: str | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
@@ -107,8 +107,10 @@ def stable_spam_step(
     """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
     and gamma1); ``reset`` says whether this step resets the moments; ``compat="official"`` reproduces the
-    official code's quirks (docs/algorithms.md#stable-spam-quirks (a), (b)). The Triton backend keeps 0-d tensor hyperparameters on the
-    device; the others read them on the host."""
+    official code's quirks (docs/algorithms.md#stable-spam-quirks (a), (b)). Hyperparameters may be 0-d tensors
+    (``scale`` and ``reset`` too: a compiled step passes them as data): the C++ op takes them in its ``hp`` tensor,
+    Triton reads the betas, eps, weight decay, gammas and lr on the device, the reference reads them on the host;
+    ``scale`` and ``reset`` choose kernels on the host for Triton and the reference."""
     check_compat("stable_spam_step", compat)
     if not params:
         return
@@ -116,13 +118,16 @@ def stable_spam_step(
     stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
     official, amp = compat == "official", dict(grad_scale=grad_scale, found_inf=found_inf)
     if backend == "cpu":
-        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset)
+        hp = pack_hyperparameters("stable_spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, scale=scale,
+                                  reset=reset)
         cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, official=official, **amp)
         return
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
               gamma3=gamma3, scale=as_number(scale), reset=bool(reset), official=official, **amp)
     if backend == "reference":
-        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, **_host_numbers(hp))
+        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats,
+                               **host_numbers(hp, *ADAM_NUMBERS, "gamma1", "gamma2", "gamma3"))
     else:
         from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
 
@@ -142,10 +147,10 @@ def spam_step(
     beta2: float | torch.Tensor,
     eps: float | torch.Tensor,
     weight_decay: float | torch.Tensor,
-    threshold: float,
-    scale: float = 1.0,
-    reset: bool = False,
-    clip: bool = True,
+    threshold: float | torch.Tensor,
+    scale: float | torch.Tensor = 1.0,
+    reset: bool | float | torch.Tensor = False,
+    clip: bool | float | torch.Tensor = True,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
@@ -158,13 +163,14 @@ def spam_step(
     backend = resolve(backend, params[0].device)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     if backend == "cpu":
-        hp = pack_hyperparameters(lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip)
+        hp = pack_hyperparameters("spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                  threshold=threshold, scale=scale, reset=reset, clip=clip)
         cpu_step("spam_step", params, grads, exp_avgs, exp_avg_sqs, [steps], hp, **amp)
         return
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=as_number(threshold),
               scale=as_number(scale), reset=bool(reset), clip=bool(clip), **amp)
     if backend == "reference":
-        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **_host_numbers(hp))
+        _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **host_numbers(hp, *ADAM_NUMBERS))
     else:
         from fastopt.kernels.triton.spam import spam_step as triton_spam_step
 
@@ -172,12 +178,6 @@ def spam_step(
 
 
 # ---- reference implementation --------------------------------------------------------------------------------
-def _host_numbers(hp: dict) -> dict:
-    """hp with its 0-d tensor hyperparameters read as numbers: the reference's math takes host scalars."""
-    keep = ("grad_scale", "found_inf")
-    return {k: as_number(v) if isinstance(v, torch.Tensor) and k not in keep else v for k, v in hp.items()}
-
-
 def _bias_correction(beta: float, t: torch.Tensor) -> torch.Tensor:
     """1 − beta^t as a float64 0-d tensor (1 − 0.999 in float32 would be off by 1e-5 relative)."""
     return 1 - beta ** t.double()

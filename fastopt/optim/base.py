@@ -313,6 +313,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         fastopt::host_values (opaque to the compiler, so it runs at every step: schedules, step rules and plain
         numbers, which an LRScheduler may change, are data in the graph); tensors pass through; the rest are the
         group's constant options."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._backend_for(p) != "cpu":
+                    raise RuntimeError(f"{self._name}: a compiled step() runs fastopt's C++ kernels only (CPU params "
+                                       f"of float32, bfloat16 or float16); a {p.dtype} param on {p.device} takes the "
+                                       f"{self._backend_for(p)!r} backend, which torch.compile cannot run yet: "
+                                       "call step() eagerly")
         layouts = [self._host_layout(group) for group in self.param_groups]
         total = sum(map(len, layouts))
         values = torch.ops.fastopt.host_values(self._steps_taken, self._host, total) if total else None

@@ -29,7 +29,8 @@ class _SpamBase(FusedOptimizer):
 
     def _common(self, device: torch.device, hp: dict, grad_scale, found_inf) -> dict:
         beta1, beta2 = hp["betas"]
-        return dict(lr=hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+        lr = hp["lr"].to(device) if isinstance(hp["lr"], torch.Tensor) else hp["lr"]  # no-op when already there
+        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
                     grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                     found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
 

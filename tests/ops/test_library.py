@@ -107,7 +107,7 @@ def test_step_ops_refuse_bad_input_before_any_change(op):
         args = list(args)
         for index, value in change.items():
             args[int(index[1:])] = value(args) if callable(value) else value
-        before = [t.clone() for t in args[0]]
+        before = [t.clone() for a in args if isinstance(a, list) for t in a]  # params, moments, counters
         return args, kwargs, before
 
     cases = [
@@ -124,7 +124,8 @@ def test_step_ops_refuse_bad_input_before_any_change(op):
         args, kwargs, before = call_with(**change)
         with pytest.raises(RuntimeError, match=message):
             getattr(torch.ops.fastopt, op)(*args, **kwargs)
-        assert all(torch.equal(p, q) for p, q in zip(args[0], before))
+        after = [t for a in args if isinstance(a, list) for t in a]
+        assert all(torch.equal(p, q) for p, q in zip(after, before))
 
 
 def test_adam_op_refuses_amsgrad_with_quantized_moments():

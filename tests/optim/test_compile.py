@@ -118,14 +118,26 @@ def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
     assert ours <= max(2 * theirs, 1e-6), (ours, theirs)
 
 
-def test_galore_groups_compile_with_graph_breaks():
+@pytest.mark.parametrize("cls", [fastopt.GaLoreAdamW, fastopt.SPAM], ids=lambda c: c.__name__)
+def test_galore_groups_compile_with_graph_breaks(cls):
     """GaLore's refresh decisions are made on the host from its counters, so a GaLore group breaks the graph
-    (fullgraph=True is not supported for it); compiled without fullgraph it still gives the eager result."""
+    (fullgraph=True is not supported for it); compiled without fullgraph it still gives the eager result, weight
+    decay (before the update for AdamW, after it for SPAM) included."""
     nets = model(), model()
-    opts = [fastopt.GaLoreAdamW([{"params": [n[0].weight], "rank": 4, "update_proj_gap": 3},
-                                 {"params": [n[0].bias, n[2].weight, n[2].bias]}], lr=1e-2) for n in nets]
+    opts = [cls([{"params": [n[0].weight], "rank": 4, "update_proj_gap": 3},
+                 {"params": [n[0].bias, n[2].weight, n[2].bias]}], lr=1e-2, weight_decay=0.1) for n in nets]
     data = batches(6)
     run(nets[0], opts[0].step, data)
     run(nets[1], torch.compile(opts[1].step, backend="aot_eager"), data)
     for p, q in zip(*(n.parameters() for n in nets)):
         assert torch.equal(p, q)
+
+
+def test_compiling_another_backend_is_refused_clearly():
+    """A compiled step runs the C++ kernels only: the reference path (here float64 params) raises a clear error."""
+    net = model(dtype=torch.float64)
+    opt = fastopt.AdamW(net.parameters())
+    net(torch.randn(2, 12, dtype=torch.float64)).sum().backward()
+    with pytest.raises(Exception, match=r"a compiled step\(\) runs fastopt's C\+\+ kernels only .* torch.float64 param "
+                                        r"on cpu takes the 'reference' backend"):
+        torch.compile(opt.step, fullgraph=True, backend="aot_eager")()
