@@ -41,7 +41,7 @@ _H1 = 1 / 11**0.5 - 1  # h(1) of inverse_sqrt
 
 
 def rex(a, b, p, xp):
-    """b + (a - b)·(1 - p)/(1/2 + (1 - p)/2): the REX profile (Chen et al. 2021)."""
+    """b + (a - b)·(1 - p)/(1/2 + (1 - p)/2): the REX profile (Chen et al. 2022)."""
     q = 1 - p
     return b + (a - b) * q / (0.5 + 0.5 * q)
 
