@@ -78,11 +78,20 @@ def cpu_step(name: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[lis
     for idx, bits in by_storage(exp_avgs):
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         ms, vs = pick(exp_avgs), pick(exp_avg_sqs)
-        if bits:
+        lists = [pick(c) if c else [] for c in counters]
+        if bits:  # codes and scales are the optimizer's own flat state
             maps = [ms[0].fmt.table(), vs[0].fmt.table()]
-            moments = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
-        else:
-            maps, moments = [None, None], [ms, vs, [], []]
-        mutated = [pick(params), *moments, *[pick(c) if c else [] for c in counters]]
-        run_contiguous(lambda ps, *rest: op(ps, rest[-1], *rest[:-1], *maps, bits, hp, **options), mutated,
-                       [pick(grads)])
+            quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
+            run_contiguous(lambda ps, gs: op(ps, gs, *quantized, *lists, *maps, bits, hp, **options), [pick(params)],
+                           [pick(grads)])
+            continue
+        # params, grads and float moments may be views; 0-d counters are contiguous, so they go as they are
+        full = [i for i, c in enumerate(lists) if c and c[0].dim() > 0]  # e.g. amsgrad's max_exp_avg_sqs
+
+        def call(ps, m, v, *rest):
+            *fixed, gs = rest
+            merged = list(lists)
+            for i, x in zip(full, fixed):
+                merged[i] = x
+            op(ps, gs, m, v, [], [], *merged, None, None, 0, hp, **options)
+        run_contiguous(call, [pick(params), ms, vs, *[lists[i] for i in full]], [pick(grads)])
