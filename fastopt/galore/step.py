@@ -31,8 +31,8 @@ class Host(Protocol):
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
         """The optimizer's own step of ``shadow`` (its grad and state set), with ``hp`` as given."""
 
-    def _stored_moments(self, state: dict, like: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
-        """(moment as the ops take it: a tensor or quant.Quantized, signed) for each moment in ``state``."""
+    def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
+        """(moment as the ops take it: a tensor or quant.Quantized, signed) for each of ``p``'s (low-rank) moments."""
 
     def _galore_weight_decay(self, group: dict, hp: dict) -> tuple[str, float | torch.Tensor]:
         """Where the decay goes: ("before", rate) p ← p·(1 − rate) before the update; ("after", rate) after it;
@@ -100,9 +100,7 @@ class GaLoreStepper:
         policy_name = group["moments"]
         if policy_name == "keep":
             return
-        shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
-        like = torch.empty(shape, dtype=p.dtype, device=p.device)
-        moments = host._stored_moments(state, like, group)
+        moments = host._stored_moments(p, group)
         if policy_name == "reset":  # on a device, "changed" is a 0-d bool tensor: zero by multiplying, no host read
             unchanged = None if change.changed is True else ~change.changed
             tensors = [state["step"]]
@@ -114,7 +112,8 @@ class GaLoreStepper:
         basis = proj.change_of_basis(change.old, change.new)
         for moment, signed in moments:
             if isinstance(moment, quant.Quantized):
-                values = moment.dequantize(like.numel()).view(like.shape)
+                shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
+                values = moment.dequantize(shape[0] * shape[1]).view(shape)
                 moment.assign(proj.reproject(values, basis, squared=not signed))
             else:
                 moment.copy_(proj.reproject(moment.to(compute_dtype(moment)), basis, squared=not signed))

@@ -71,27 +71,22 @@ def by_storage(moments: list) -> list[tuple[list[int], int]]:
 
 
 def cpu_step(name: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]], hp: torch.Tensor,
-             **options) -> None:
+             *, full: list[list[torch.Tensor]] = (), **options) -> None:
     """Runs the C++ step op ``torch.ops.fastopt.<name>`` once per storage format among the tensors: float moments
-    (bits 0), or 4-/8-bit codes, scales and the two maps. ``counters`` are the op's lists after the moments."""
+    (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
+    the params' size: amsgrad's max_exp_avg_sqs) and then ``counters`` (0-d per-tensor lists). Params, grads, float
+    moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
+    are (the optimizer's own flat state, and 0-d tensors are contiguous)."""
     op = getattr(torch.ops.fastopt, name)
     for idx, bits in by_storage(exp_avgs):
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        ms, vs = pick(exp_avgs), pick(exp_avg_sqs)
-        lists = [pick(c) if c else [] for c in counters]
-        if bits:  # codes and scales are the optimizer's own flat state
+        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
+        if bits:
             maps = [ms[0].fmt.table(), vs[0].fmt.table()]
             quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
-            run_contiguous(lambda ps, gs: op(ps, gs, *quantized, *lists, *maps, bits, hp, **options), [pick(params)],
-                           [pick(grads)])
-            continue
-        # params, grads and float moments may be views; 0-d counters are contiguous, so they go as they are
-        full = [i for i, c in enumerate(lists) if c and c[0].dim() > 0]  # e.g. amsgrad's max_exp_avg_sqs
-
-        def call(ps, m, v, *rest):
-            *fixed, gs = rest
-            merged = list(lists)
-            for i, x in zip(full, fixed):
-                merged[i] = x
-            op(ps, gs, m, v, [], [], *merged, None, None, 0, hp, **options)
-        run_contiguous(call, [pick(params), ms, vs, *[lists[i] for i in full]], [pick(grads)])
+            run_contiguous(lambda ps, *rest: op(ps, rest[-1], *quantized, *rest[:-1], *cs, *maps, bits, hp, **options),
+                           [pick(params), *[pick(f) for f in full]], [pick(grads)])
+        else:
+            run_contiguous(lambda ps, m, v, *rest: op(ps, rest[-1], m, v, [], [], *rest[:-1], *cs, None, None, 0, hp,
+                                                      **options),
+                           [pick(params), ms, vs, *[pick(f) for f in full]], [pick(grads)])

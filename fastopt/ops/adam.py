@@ -56,7 +56,8 @@ def adam_step(
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     if backend == "cpu":
         hp = pack_hyperparameters("adam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        cpu_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, [max_exp_avg_sqs, steps], hp, **flags, **amp)
+        cpu_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, [steps], hp, full=[max_exp_avg_sqs], **flags,
+                 **amp)
     elif backend == "reference":
         hp = host_numbers(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay), *ADAM_NUMBERS)
         _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp, **flags, **amp)

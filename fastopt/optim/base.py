@@ -395,8 +395,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
         self._update(group, hp, [shadow], None, None)
 
-    def _stored_moments(self, state: dict, like: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
-        return [(self._stored_moment(state, like, group, name, signed), signed)
+    def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
+        like = self._moment_like(p, group)  # the low-rank shape: sizes and storage follow it
+        return [(self._stored_moment(self.state[p], like, group, name, signed), signed)
                 for name, signed in self._moment_names(group)]
 
     def _backend_for(self, p: torch.Tensor) -> str:
