@@ -322,8 +322,9 @@ class StableSpamStep {
  public:
   StableSpamStep(const MomentArgs& a, at::TensorList steps, at::TensorList stats_steps, at::TensorList m_norms,
                  at::TensorList v_norms, at::TensorList m_maxes, const std::vector<double>& h, bool official,
-                 double grad_mul, std::vector<int64_t> sizes)
+                 double grad_mul, std::vector<int64_t> sizes, const double* given_stats)
       : a_(a), steps_(steps), stats_steps_(stats_steps), m_norms_(m_norms), v_norms_(v_norms), m_maxes_(m_maxes),
+        given_stats_(given_stats),
         lr_(h[0]), beta1_(h[1] * h[8]), beta2_(h[2]), eps_(h[3]), weight_decay_(h[4]), gamma1_(h[5] * h[8]),
         gamma2_(h[6]), theta_(h[7]), reset_(h[9] != 0.0), official_(official), grad_mul_(grad_mul),
         sizes_(std::move(sizes)), encoders_(a), consts_(a.params.size()), stats_counter_(a.params.size()) {
@@ -339,17 +340,35 @@ class StableSpamStep {
   void run() {
     const size_t groups = group_bounds_.size() - 1;
     if (groups == 0) return;  // no tensors
+    if (given_stats_ != nullptr) return run_with_given_stats();
     Reduction current(group_sizes(0));
     parallel_each(int64_t(current.chunks.size()), [&](int64_t c) { reduce(current, c, INFINITY, 1.0f); });
     for (size_t group = 0; group < groups; ++group) {
       const int64_t first = group_bounds_[group], end = group_bounds_[group + 1];
-      adaclip(current, first, end);
+      adaclip(tensor_maxes(current), first, end);
       reduce_clipped(current);
-      adagn_and_adam(current, first, end);
+      adagn_and_adam(tensor_sumsqs(current), first, end);
       Reduction next(group_sizes(group + 1));
       update(current, next);
       current = std::move(next);
     }
+  }
+
+  // The statistics come reduced from elsewhere (across the shards of sharded params: fastopt/ops/spam.py), so there is
+  // nothing to reduce here: one update pass, in which every chunk takes the clipping test (its own max is unknown).
+  void run_with_given_stats() {
+    const int64_t n = int64_t(sizes_.size());
+    std::vector<float> maxes(n);
+    std::vector<double> sumsqs(n);
+    for (int64_t i = 0; i < n; ++i) {
+      maxes[i] = float(given_stats_[2 * i]);
+      sumsqs[i] = given_stats_[2 * i + 1];
+    }
+    adaclip(maxes, 0, n);
+    adagn_and_adam(sumsqs, 0, n);
+    Reduction all(sizes_), none(std::vector<int64_t>(sizes_.size(), 0));
+    std::fill(all.max.begin(), all.max.end(), INFINITY);
+    update(all, none);
   }
 
  private:
@@ -383,12 +402,22 @@ class StableSpamStep {
 
   // AdaClip per tensor: advance both counters, update the running max of max|g|, set the clip threshold. Empty tensors
   // of the group advance too. Host math in double, statistics stored as float32 like the reference.
-  void adaclip(const Reduction& r, int64_t first, int64_t end) {
+  std::vector<float> tensor_maxes(const Reduction& r) const {
     std::vector<float> tensor_max(sizes_.size(), 0.0f);
     for (size_t c = 0; c < r.chunks.size(); ++c) {  // a max that keeps a NaN
       float& m = tensor_max[r.chunks[c].tensor];
       m = f32_to_bits(r.max[c]) > f32_to_bits(m) ? r.max[c] : m;
     }
+    return tensor_max;
+  }
+
+  std::vector<double> tensor_sumsqs(const Reduction& r) const {
+    std::vector<double> sumsq(sizes_.size(), 0.0);
+    for (size_t c = 0; c < r.chunks.size(); ++c) sumsq[r.chunks[c].tensor] += r.sumsq[c];
+    return sumsq;
+  }
+
+  void adaclip(const std::vector<float>& tensor_max, int64_t first, int64_t end) {
     for (int64_t i = first; i < end; ++i) {
       const double t = advance(steps_[i]), stats_t = advance(stats_steps_[i]);
       stats_counter_[i] = official_ ? t : stats_t;  // official: Adam's t, which restarts at each reset (quirk (b))
@@ -413,9 +442,7 @@ class StableSpamStep {
   }
 
   // AdaGN per tensor (the running norm statistics and the gradient's scale), then Adam's constants.
-  void adagn_and_adam(const Reduction& r, int64_t first, int64_t end) {
-    std::vector<double> sumsq(sizes_.size(), 0.0);
-    for (size_t c = 0; c < r.chunks.size(); ++c) sumsq[r.chunks[c].tensor] += r.sumsq[c];
+  void adagn_and_adam(const std::vector<double>& sumsq, int64_t first, int64_t end) {
     for (int64_t i = first; i < end; ++i) {
       const double norm = std::sqrt(sumsq[i]), u = stats_counter_[i];
       float& m_norm = *m_norms_[i].data_ptr<float>();
@@ -479,6 +506,7 @@ class StableSpamStep {
 
   const MomentArgs& a_;
   at::TensorList steps_, stats_steps_, m_norms_, v_norms_, m_maxes_;
+  const double* given_stats_;           // per tensor (max|g|, Σ clipped g²) reduced elsewhere, or null
   const double lr_, beta1_, beta2_, eps_, weight_decay_, gamma1_, gamma2_, theta_;  // beta1_, gamma1_: times s
   const bool reset_, official_;
   const double grad_mul_;
@@ -494,8 +522,8 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList stats_steps, at::TensorList m_norms, at::TensorList v_norms,
                       at::TensorList m_maxes, const std::optional<at::Tensor>& exp_avg_map,
                       const std::optional<at::Tensor>& exp_avg_sq_map, int64_t bits, const at::Tensor& hp,
-                      bool official, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      bool official, const std::optional<at::Tensor>& grad_stats,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = "fastopt.stable_spam_step";
   const std::vector<double> h = read_hyperparameters(
       hp, 10, op, "lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset");
@@ -503,10 +531,56 @@ void stable_spam_step(at::TensorList params, at::TensorList grads, at::TensorLis
                      exp_avg_sq_map, bits};
   std::vector<int64_t> sizes = check_moments(a, {{steps, "steps"}, {stats_steps, "stats_steps"},
                                                  {m_norms, "m_norms"}, {v_norms, "v_norms"}, {m_maxes, "m_maxes"}});
+  if (grad_stats.has_value())
+    TORCH_CHECK(grad_stats->device().is_cpu() && grad_stats->scalar_type() == at::kDouble && grad_stats->dim() == 2 &&
+                    grad_stats->size(0) == int64_t(params.size()) && grad_stats->size(1) == 2 &&
+                    grad_stats->is_contiguous(),
+                op, ": grad_stats must be a contiguous float64 CPU tensor of shape (", params.size(),
+                ", 2), got ", grad_stats->scalar_type(), " of shape ", grad_stats->sizes());
   if (skip_step(found_inf)) return;
   StableSpamStep(a, steps, stats_steps, m_norms, v_norms, m_maxes, h, official, grad_multiplier(grad_scale),
-                 std::move(sizes))
+                 std::move(sizes), grad_stats.has_value() ? grad_stats->data_ptr<double>() : nullptr)
       .run();
+}
+
+// Per tensor, (max|g·grad_mul|, Σ of its squares after AdaClip's `clip` (float32 (threshold, multiplier) per tensor;
+// none: no clipping)), as float64 (n, 2): the statistics that sharded params reduce across their shards.
+at::Tensor grad_stats(at::TensorList grads, const std::optional<at::Tensor>& clip,
+                      const std::optional<at::Tensor>& grad_scale) {
+  const int64_t n = int64_t(grads.size());
+  if (clip.has_value())
+    TORCH_CHECK(clip->device().is_cpu() && clip->scalar_type() == at::kFloat && clip->dim() == 2 &&
+                    clip->size(0) == n && clip->size(1) == 2 && clip->is_contiguous(),
+                "fastopt.grad_stats: clip must be a contiguous float32 CPU tensor of shape (", n, ", 2)");
+  std::vector<int64_t> sizes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].is_contiguous(), "fastopt.grad_stats: grads[", i,
+                "] must be a contiguous CPU tensor");
+    dtype_of(grads[i], "grads");
+    sizes[i] = grads[i].numel();
+  }
+  const std::vector<Chunk> chunks = split(sizes);
+  std::vector<float> maxes(chunks.size(), 0.0f);
+  std::vector<double> sumsqs(chunks.size(), 0.0);
+  const float grad_mul = float(grad_multiplier(grad_scale));
+  const float* limits = clip.has_value() ? clip->data_ptr<float>() : nullptr;
+  parallel_each(int64_t(chunks.size()), [&](int64_t c) {
+    const Chunk& chunk = chunks[c];
+    const at::Tensor& g = grads[chunk.tensor];
+    grad_stats_kernel(current_isa(), dtype_of(g, "grads"))(
+        static_cast<const char*>(g.data_ptr()) + chunk.begin * g.element_size(), chunk.end - chunk.begin, grad_mul,
+        limits ? limits[2 * chunk.tensor] : INFINITY, limits ? limits[2 * chunk.tensor + 1] : 1.0f, &maxes[c],
+        &sumsqs[c]);
+  });
+  at::Tensor out = at::empty({n, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* stats = out.data_ptr<double>();
+  std::fill(stats, stats + 2 * n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) {  // a max that keeps a NaN, as the step's own reduction
+    double& m = stats[2 * chunks[c].tensor];
+    m = f32_to_bits(maxes[c]) > f32_to_bits(float(m)) ? double(maxes[c]) : m;
+    stats[2 * chunks[c].tensor + 1] += sumsqs[c];
+  }
+  return out;
 }
 
 // ---- SPAM --------------------------------------------------------------------------------------------------------
@@ -578,6 +652,7 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("adam_step", &adam_step);
   m.impl("stable_spam_step", &stable_spam_step);
   m.impl("spam_step", &spam_step);
+  m.impl("grad_stats", &grad_stats);
   m.impl("quantize_blockwise", &quantize_blockwise);
   m.impl("dequantize_blockwise", &dequantize_blockwise);
 }

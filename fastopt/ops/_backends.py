@@ -71,16 +71,20 @@ def by_storage(moments: list) -> list[tuple[list[int], int]]:
 
 
 def cpu_step(name: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]], hp: torch.Tensor,
-             *, full: list[list[torch.Tensor]] = (), **options) -> None:
+             *, full: list[list[torch.Tensor]] = (), per_tensor: dict[str, torch.Tensor | None] | None = None,
+             **options) -> None:
     """Runs the C++ step op ``torch.ops.fastopt.<name>`` once per storage format among the tensors: float moments
     (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
     the params' size: amsgrad's max_exp_avg_sqs) and then ``counters`` (0-d per-tensor lists). Params, grads, float
     moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
-    are (the optimizer's own flat state, and 0-d tensors are contiguous)."""
+    are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
+    are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out."""
     op = getattr(torch.ops.fastopt, name)
+    rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
         pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
+        options.update({k: v[idx].contiguous() for k, v in rows.items()})
         if bits:
             maps = [ms[0].fmt.table(), vs[0].fmt.table()]
             quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]

@@ -17,6 +17,7 @@ import torch
 from fastopt.ops._backends import by_storage, cpu_step, resolve, run_contiguous
 from fastopt.ops.common import ADAM_NUMBERS, compute_dtype, host_numbers, load_moment, skipped, store_moment
 from fastopt.ops.library import pack_hyperparameters
+from fastopt.ops.sharding import local_lists
 from fastopt.quant.formats import Quantized
 
 
@@ -44,13 +45,15 @@ def adam_step(
     share a dtype (fp32/bf16/fp16); the states share theirs; math is fp32 (float64 tensors: float64).
     A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
     tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
-    only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
+    only what is stored is quantized. DTensor params (FSDP2) are stepped on their local shards. ``backend`` None picks the fastest implementation for the device.
     ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device, the C++ op
     takes them as data (its ``hp`` tensor), the reference reads their values."""
     if not params:
         return
     if max_exp_avg_sqs and any(isinstance(m, Quantized) for m in exp_avgs):
         raise ValueError("adam_step: amsgrad is not supported with quantized moments")
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = local_lists(params, grads, exp_avgs, exp_avg_sqs,
+                                                                          max_exp_avg_sqs)
     backend = resolve(backend, params[0].device)
     flags = dict(decoupled=decoupled, maximize=maximize, independent_decay=independent_decay)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)

@@ -37,9 +37,10 @@ SCHEMAS = {
                  f"{_AMP}) -> ()",
     "stable_spam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] steps, "
                         f"Tensor(g!)[] stats_steps, Tensor(h!)[] m_norms, Tensor(i!)[] v_norms, Tensor(j!)[] m_maxes, "
-                        f"{_MAPS_BITS_HP}, *, bool official, {_AMP}) -> ()",
+                        f"{_MAPS_BITS_HP}, *, bool official, Tensor? grad_stats=None, {_AMP}) -> ()",
     "spam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] steps, {_MAPS_BITS_HP}, *, "
                  f"{_AMP}) -> ()",
+    "grad_stats": "(Tensor[] grads, Tensor? clip, Tensor? grad_scale) -> Tensor",
     "quantize_blockwise": "(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)",
     "dequantize_blockwise": "(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor",
     "host_values": "(Tensor step_count, int host, int n) -> Tensor",
@@ -63,6 +64,11 @@ def _no_outputs(*args, **kwargs) -> None:  # the step ops only mutate their argu
 
 for _name in STEP_OPS:
     torch.library.register_fake(f"fastopt::{_name}", _no_outputs, lib=_library)
+
+
+@torch.library.register_fake("fastopt::grad_stats", lib=_library)
+def _(grads, clip, grad_scale):
+    return torch.empty(len(grads), 2, dtype=torch.float64)
 
 
 @torch.library.register_fake("fastopt::quantize_blockwise", lib=_library)

@@ -41,6 +41,7 @@ from fastopt.ops._backends import cpu_step, resolve, run_contiguous
 from fastopt.ops.common import (ADAM_NUMBERS, as_number, check_compat, compute_dtype, host_numbers, load_moment,
                                 skipped, store_moment, zero_moment)
 from fastopt.ops.library import pack_hyperparameters
+from fastopt.ops.sharding import local_lists, shard_group
 from fastopt.quant.formats import Quantized
 
 
@@ -114,6 +115,8 @@ def stable_spam_step(
     check_compat("stable_spam_step", compat)
     if not params:
         return
+    group = _shard_group(params)
+    params, grads, exp_avgs, exp_avg_sqs = local_lists(params, grads, exp_avgs, exp_avg_sqs)
     backend = resolve(backend, params[0].device)
     stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
     official, amp = compat == "official", dict(grad_scale=grad_scale, found_inf=found_inf)
@@ -121,18 +124,68 @@ def stable_spam_step(
         hp = pack_hyperparameters("stable_spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                   weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, scale=scale,
                                   reset=reset)
-        cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, official=official, **amp)
+        given = None
+        if group is not None:
+            given = reduced_grad_stats([g.contiguous() for g in grads], steps if official else stats_steps, m_maxes,
+                                       as_number(gamma3), group, _cpu_grad_stats(grad_scale))
+        cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, per_tensor={"grad_stats": given},
+                 official=official, **amp)
         return
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
               gamma3=gamma3, scale=as_number(scale), reset=bool(reset), official=official, **amp)
     if backend == "reference":
-        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats,
+        _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, group=group,
                                **host_numbers(hp, *ADAM_NUMBERS, "gamma1", "gamma2", "gamma3"))
     else:
         from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
 
-        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, **hp),
-                       [params], [grads])
+        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, group=group,
+                                                              **hp), [params], [grads])
+
+
+# ---- sharded params: the per-tensor statistics of the whole tensor, from its shards ----------------------------------
+def _shard_group(params: list) -> "torch.distributed.ProcessGroup | None":
+    """The process group over which the params are sharded (None for plain tensors); one per op call."""
+    groups = {id(g): g for g in map(shard_group, params)}
+    if len(groups) > 1:
+        raise ValueError("stable_spam_step: the params are sharded over different process groups (or some are not "
+                         "sharded); call the op once per group")
+    return next(iter(groups.values()))
+
+
+def _cpu_grad_stats(grad_scale):
+    return lambda grads, clip: torch.ops.fastopt.grad_stats(grads, clip, grad_scale)
+
+
+def adaclip_limits(maxes: torch.Tensor, counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
+                   theta: float) -> torch.Tensor:
+    """AdaClip's (threshold, thr/M) per tensor for this step, float32 (n, 2), from the tensors' max|g| (``maxes``)
+    and their statistics before the step (``counters``: u before its increment), as the kernels compute them."""
+    u = torch.stack(counters).double() + 1
+    m_max = (theta * torch.stack(m_maxes).double() + (1 - theta) * maxes).float().double()
+    thr = (m_max / (1 - theta ** u)).float()
+    mul = torch.where(maxes > 0, thr.double() / torch.where(maxes > 0, maxes, 1.0), 1.0).float()
+    return torch.stack([thr, mul], dim=1).contiguous()
+
+
+def reduced_grad_stats(grads: list[torch.Tensor], counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
+                       theta: float, group, local_stats) -> torch.Tensor:
+    """(max|g|, Σ of g² after AdaClip) of each whole tensor from the local shards ``grads``, float64 (n, 2): two
+    all-reduces over ``group`` for all tensors (a max, then a sum: the clip threshold needs the max first).
+    ``local_stats(grads, clip)`` gives the local (max, Σ clipped g²); a shard whose max is under its threshold keeps
+    its unclipped sum, as the unsharded kernels do."""
+    import torch.distributed as dist
+
+    first = local_stats(grads, None)
+    maxes = first[:, 0].contiguous()
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    clip = adaclip_limits(maxes, counters, m_maxes, theta)
+    sums = first[:, 1].clone()
+    clipped = [i for i in range(len(grads)) if not first[i, 0] <= clip[i, 0]]
+    if clipped:
+        sums[clipped] = local_stats([grads[i] for i in clipped], clip[clipped].contiguous())[:, 1]
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return torch.stack([maxes, sums], dim=1).contiguous()
 
 
 def spam_step(
@@ -160,6 +213,7 @@ def spam_step(
     hyperparameters as in stable_spam_step."""
     if not params:
         return
+    params, grads, exp_avgs, exp_avg_sqs = local_lists(params, grads, exp_avgs, exp_avg_sqs)
     backend = resolve(backend, params[0].device)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
     if backend == "cpu":
@@ -190,7 +244,8 @@ def _grad(p: torch.Tensor, grad: torch.Tensor, grad_scale: torch.Tensor | None, 
 
 def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *,
                            lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset, official,
-                           grad_scale, found_inf) -> None:
+                           grad_scale, found_inf, group=None) -> None:
+    """``group``: the process group over which the params are sharded: max|g| and ‖g‖ are reduced across it."""
     theta = gamma3
     if skipped(found_inf):
         return
@@ -205,12 +260,16 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
 
         # AdaClip: clip entries above the bias-corrected running max of max|g|
         M = g.abs().amax() if g.numel() else g.new_zeros(())
+        if group is not None:
+            _all_reduce(M, "MAX", group)
         m_max = theta * m_maxes[i] + (1 - theta) * M
         thr = m_max / _bias_correction(theta, u)
         g = torch.where(g.abs() > thr, g / M * thr, g)
 
         # AdaGN: rescale g to the running norm statistics
         n = torch.linalg.vector_norm(g, dtype=torch.float64)  # a float32 sum of 1e6 squares is off by ~1e-5
+        if group is not None:
+            n = _all_reduce(n * n, "SUM", group).sqrt()
         m_norm = g1 * m_norms[i] + (1 - g1) * n
         v_norm = gamma2 * v_norms[i] + (1 - gamma2) * n * n
         c = (m_norm / _bias_correction(g1, u)) / ((v_norm / _bias_correction(gamma2, u)).sqrt() + eps)
@@ -237,6 +296,13 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
         step_size = lr / _bias_correction(b1, t)
         denom = v.sqrt() / _bias_correction(beta2, t).sqrt() + eps
         p.copy_(param - step_size * m / denom)
+
+
+def _all_reduce(x: torch.Tensor, op: str, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, op), group=group)
+    return x
 
 
 def _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, threshold,

@@ -53,7 +53,7 @@ class Adam(FusedOptimizer):
 
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
         beta1, beta2 = hp["betas"]
-        for (device, backend), ps in self._buckets(params).items():
+        for device, backend, ps in self._buckets(params):
             states = [self.state[p] for p in ps]
             lr = hp["lr"]
             if isinstance(lr, torch.Tensor) and backend == "triton":

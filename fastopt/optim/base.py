@@ -30,7 +30,7 @@ import torch
 from fastopt.galore import policy as galore
 from fastopt.galore import projector as galore_proj
 from fastopt.galore.step import GaLoreStepper
-from fastopt.ops import _backends, library
+from fastopt.ops import _backends, library, sharding
 from fastopt.ops.common import as_number
 from fastopt.optim import checkpoint
 from fastopt.optim.checkpoint import is_schedule
@@ -164,11 +164,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         """How a moment of ``p`` is stored under the group's state_bits / min_quant_size."""
         bits = group.get("state_bits")
         if bits in (4, 8):
-            return quant.FORMATS[(bits, signed)] if p.numel() >= group["min_quant_size"] else torch.float32
+            fmt = quant.FORMATS[(bits, signed)]
+            if p.numel() < group["min_quant_size"]:  # a DTensor's numel is the whole param's: no shard decides
+                return torch.float32
+            if sharding.is_sharded(p) and not sharding.rows_hold_blocks(p, fmt.block):
+                return torch.float32  # its blocks would straddle shards (fastopt/ops/sharding.py)
+            return fmt
         return {None: p.dtype, 32: torch.float32, 16: torch.bfloat16}[bits]
 
     def _new_moment(self, name: str, p: torch.Tensor, group: dict, signed: bool) -> dict:
         storage = self._storage(p, group, signed)
+        if isinstance(storage, quant.QuantFormat) and sharding.is_sharded(p):
+            (rows, code_width), (_, scale_width) = shapes = sharding.quantized_shapes(p, storage)
+            local_rows = sharding.local(p).shape[0]
+            codes = torch.zeros(local_rows, code_width, dtype=torch.uint8, device=p.device)
+            scales = torch.zeros(local_rows, scale_width, dtype=torch.float32, device=p.device)
+            return {f"{name}_codes": sharding.like(p, codes, shapes[0]),
+                    f"{name}_scales": sharding.like(p, scales, shapes[1])}
         if isinstance(storage, quant.QuantFormat):
             q = quant.zeros(p.numel(), storage, p.device)
             return {f"{name}_codes": q.codes, f"{name}_scales": q.scales}
@@ -238,6 +250,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{self._name}: params[{i}] has dtype {p.dtype}; only floating-point parameters "
                                  "can be optimized")
+            reason = sharding.unsupported(p)
+            if reason is not None:
+                raise ValueError(f"{self._name}: params[{i}] (shape {tuple(p.shape)}) is a DTensor that fastopt cannot "
+                                 f"step: {reason}")
             if self.backend in ("cpu", "triton") and p.dtype not in KERNEL_DTYPES:
                 raise ValueError(f"{self._name}: backend={self.backend!r} takes float32, bfloat16 and float16 "
                                  f"params, params[{i}] is {p.dtype} (backend=None runs it on the reference path)")
@@ -251,6 +267,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_options(options)
         self._hyperparameters(options, self._step_count)
         galore.check_options(self._name, options)
+        for i, p in enumerate(params):
+            if sharding.is_sharded(p) and galore.is_projected(p, options):
+                raise NotImplementedError(f"{self._name}: params[{i}] (shape {tuple(p.shape)}) is a DTensor in a GaLore "
+                                          "group; GaLore does not step sharded params yet (FSDP2): put them in a group "
+                                          "without rank, or train GaLore under DDP")
         super().add_param_group(param_group)
 
     # ---- step ---------------------------------------------------------------------------------
@@ -354,6 +375,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_grad(self, p: torch.Tensor, where: str) -> None:
         if p.grad.is_sparse:
             raise RuntimeError(f"{self._name}: sparse gradients are not supported ({where})")
+        if sharding.is_sharded(p) != sharding.is_sharded(p.grad) or (
+                sharding.is_sharded(p) and tuple(p.grad.placements) != tuple(p.placements)):
+            found = tuple(p.grad.placements) if sharding.is_sharded(p.grad) else "a plain tensor"
+            want = tuple(p.placements) if sharding.is_sharded(p) else "a plain tensor"
+            raise RuntimeError(f"{self._name}: the gradient is {found}, its parameter {want} ({where}): a sharded "
+                               "param's gradient must be sharded as the param")
         if p.grad.shape != p.shape:
             raise RuntimeError(f"{self._name}: gradient of shape {tuple(p.grad.shape)} for a parameter of shape "
                                f"{tuple(p.shape)} ({where})")
@@ -406,12 +433,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             return "reference"  # e.g. float64: exact math on the reference path
         return _backends.resolve(self.backend, p.device)
 
-    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple[torch.device, str], list[torch.Tensor]]:
-        """Params grouped by (device, backend): one multi-tensor op call per bucket."""
-        buckets: dict[tuple[torch.device, str], list[torch.Tensor]] = defaultdict(list)
+    def _buckets(self, params: list[torch.Tensor]) -> list[tuple[torch.device, str, list[torch.Tensor]]]:
+        """Params grouped by device, backend and the process group they are sharded over (plain tensors: none):
+        one multi-tensor op call per bucket, as (device, backend, params)."""
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            buckets[(p.device, self._backend_for(p))].append(p)
-        return buckets
+            buckets[(p.device, self._backend_for(p), id(sharding.shard_group(p)))].append(p)
+        return [(device, backend, ps) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -19,9 +19,13 @@ from typing import Any
 import torch
 
 from fastopt.galore import policy as galore
+from fastopt.ops import sharding
 from fastopt.quant import formats as quant
 
 SCHEDULE_KEY = "__schedule__"
+# The step count is saved at the top and in each param group: torch.distributed.checkpoint's get_state_dict keeps only
+# "state" and "param_groups".
+STEP_COUNT_KEY = "step_count"
 # How an optimizer stores its state: kept on load_state_dict (a checkpoint's state is converted to it),
 # unlike hyperparameters, which the checkpoint sets as in torch.
 STORAGE_OPTIONS = ("state_bits", "min_quant_size")
@@ -31,8 +35,10 @@ HOST_STATE_KEYS = ("param_shape",) + galore.HOST_KEYS  # state tensors that stay
 def state_dict(opt, torch_state_dict: dict) -> dict:
     """``torch_state_dict`` (torch.optim.Optimizer.state_dict's) with schedules packed and the step count added."""
     sd = dict(torch_state_dict)
-    sd["param_groups"] = [{k: _pack_schedule(v) for k, v in g.items()} for g in sd["param_groups"]]
-    sd["step_count"] = opt._step_count
+    step_count = opt._step_count
+    sd["param_groups"] = [{**{k: _pack_schedule(v) for k, v in g.items()}, STEP_COUNT_KEY: step_count}
+                          for g in sd["param_groups"]]
+    sd["step_count"] = step_count
     return sd
 
 
@@ -50,7 +56,8 @@ def checked_groups(opt, state_dict: dict) -> list[dict]:
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(f"{opt._name}.load_state_dict: param group {g} has {len(saved['params'])} params in "
                              f"the state_dict, {len(mine['params'])} here")
-        group = {**{k: _unpack_schedule(v, mine.get(k), k, opt._name) for k, v in saved.items()},
+        group = {**{k: _unpack_schedule(v, mine.get(k), k, opt._name) for k, v in saved.items()
+                    if k != STEP_COUNT_KEY},
                  **{k: mine[k] for k in STORAGE_OPTIONS if k in mine}}
         opt._fill_missing_options(group)
         missing = sorted(set(opt.defaults) - set(group))
@@ -58,7 +65,7 @@ def checked_groups(opt, state_dict: dict) -> list[dict]:
             raise ValueError(f"{opt._name}.load_state_dict: param group {g} of the state_dict lacks {missing} (a "
                              f"state_dict of another optimizer? it has {sorted(k for k in saved if k != 'params')})")
         opt._check_options(group)
-        opt._hyperparameters(group, int(state_dict.get("step_count") or 0))  # raises on a bad value
+        opt._hyperparameters(group, saved_step_count(state_dict) or 0)  # raises on a bad value
         galore.check_options(opt._name, group)
         loaded.append(group)
     index = 0
@@ -75,7 +82,7 @@ def load_state_dict(opt, state_dict: dict, torch_load) -> None:
     """Checks everything, then loads with ``torch_load`` (torch's Optimizer.load_state_dict) for the groups and
     places the state itself: torch's loader would cast floating state to each param's dtype."""
     groups = checked_groups(opt, state_dict)
-    step_count = state_dict.get("step_count")
+    step_count = saved_step_count(state_dict)
     saved_state = state_dict["state"]
     torch_load({**state_dict, "param_groups": groups, "state": {}})
     opt._galore.clear()
@@ -88,6 +95,14 @@ def load_state_dict(opt, state_dict: dict, torch_load) -> None:
         steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
         step_count = int(max(steps)) if steps else 0
     opt._step_count = int(step_count)
+
+
+def saved_step_count(state_dict: dict) -> int | None:
+    """The optimizer's step count in a state_dict (None: a torch checkpoint, which has none)."""
+    if state_dict.get(STEP_COUNT_KEY) is not None:
+        return int(state_dict[STEP_COUNT_KEY])
+    counts = {g.get(STEP_COUNT_KEY) for g in state_dict["param_groups"]} - {None}
+    return int(counts.pop()) if counts else None
 
 
 def _state_layout(opt, p: torch.Tensor, group: dict) -> dict:
@@ -135,15 +150,25 @@ def _check_loaded_state(opt, p: torch.Tensor, group: dict, state: dict, index: i
 
 
 def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
-    """After loading: every state tensor on the parameter's device, moments stored as this optimizer keeps them."""
+    """After loading: every state tensor on the parameter's device, moments stored as this optimizer keeps them and
+    sharded as the param (fastopt/ops/sharding.py). A moment that torch.distributed.checkpoint loaded into this
+    optimizer's own state fits already and stays as it is; any other is converted on whole tensors (a sharded one
+    is gathered first) and then placed as the param."""
     moments = opt._moment_names(group)
     like = opt._moment_like(p, group)
+    layout = _state_layout(opt, p, group)
     for name, signed in moments:
+        keys = [name] if name in layout else [f"{name}_codes", f"{name}_scales"]
+        if all(k in state and _fits(state[k], layout[k]) for k in keys):
+            for k in keys:
+                state[k] = state[k].to(device=p.device)
+            continue
         if name in state:
-            value = state.pop(name).to(device=p.device)
+            value = _whole(state.pop(name)).to(device=sharding.local(p).device)
         else:
             fmt = loaded_format(state, name, like.numel(), signed, "")
-            codes, scales = state.pop(f"{name}_codes").to(p.device), state.pop(f"{name}_scales").to(p.device)
+            codes, scales = (_whole(state.pop(f"{name}_{k}")).reshape(-1).to(sharding.local(p).device)
+                             for k in ("codes", "scales"))
             value = quant.Quantized(codes, scales, fmt)
         want = opt._storage(like, group, signed)
         if isinstance(want, quant.QuantFormat):
@@ -152,13 +177,13 @@ def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
             else:
                 values = value.dequantize(like.numel()) if isinstance(value, quant.Quantized) else value
                 stored = quant.Quantized(*quant.encode(values.float(), want), want)
-            state[f"{name}_codes"], state[f"{name}_scales"] = stored.codes.contiguous(), stored.scales.contiguous()
+            state[f"{name}_codes"] = _placed(stored.codes, layout[f"{name}_codes"], p)
+            state[f"{name}_scales"] = _placed(stored.scales, layout[f"{name}_scales"], p)
         else:
             quantized = isinstance(value, quant.Quantized)
             values = value.dequantize(like.numel()).view(like.shape) if quantized else value
-            state[name] = values.to(dtype=want, memory_format=torch.contiguous_format)
+            state[name] = _placed(values.to(dtype=want), layout[name], p)
     names = {n for n, _ in moments}
-    layout = _state_layout(opt, p, group)
     state.pop("param_shape", None)
     if "param_shape" in layout:
         state["param_shape"] = layout["param_shape"]
@@ -166,6 +191,26 @@ def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
         if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
             state[key] = state[key].to(device="cpu" if key in HOST_STATE_KEYS else p.device, dtype=want.dtype,
                                        memory_format=torch.contiguous_format)
+
+
+def _fits(t: Any, want: torch.Tensor) -> bool:
+    """Whether loaded tensor ``t`` is stored as the (meta) layout tensor ``want``: dtype, shape and sharding."""
+    if not isinstance(t, torch.Tensor) or t.dtype != want.dtype or t.shape != want.shape:
+        return False
+    if sharding.is_sharded(want) != sharding.is_sharded(t):
+        return False
+    return not sharding.is_sharded(t) or (t.placements == want.placements and t.device_mesh == want.device_mesh)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of all of ``t``'s values (a DTensor is gathered)."""
+    return t.full_tensor() if sharding.is_sharded(t) else t
+
+
+def _placed(t: torch.Tensor, want: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Whole tensor ``t`` in the layout of ``want`` (its shape; sharded as ``p`` when ``want`` is a DTensor)."""
+    t = t.reshape(want.shape).contiguous()
+    return sharding.distribute_like(t, p) if sharding.is_sharded(want) else t
 
 
 def loaded_format(state: dict, name: str, n: int, signed: bool, where: str) -> quant.QuantFormat:

@@ -106,7 +106,7 @@ class StableSPAM(_SpamBase):
         return {"scale": s, "reset": float(reset)}
 
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        for (device, backend), ps in self._buckets(params).items():
+        for device, backend, ps in self._buckets(params):
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             scalars = lambda key: [self.state[p][key] for p in ps]  # noqa: E731
             stable_spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
@@ -163,7 +163,7 @@ class SPAM(_SpamBase):
         return {"scale": s, "reset": float(reset), "clip": float(clip)}
 
     def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        for (device, backend), ps in self._buckets(params).items():
+        for device, backend, ps in self._buckets(params):
             moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
             spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
                       [self.state[p]["step"] for p in ps], threshold=hp["threshold"], scale=hp["scale"],

@@ -28,6 +28,8 @@ Bytes moved per parameter (the floor on any GPU):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -259,36 +261,74 @@ def _update(p, g, m, v, step, work, hp, *, lr, beta1, beta2, log_beta1, log_beta
         spam_kernel[(triton.cdiv(n, BLOCK),)](p, g, m, v, *tail, BLOCK=BLOCK, **flags)
 
 
+class _Workspace(NamedTuple):
+    """One tensor's reduction workspace: thr, thr/M, c/n (work[:4]); per-block maxima; per-block sums of squares."""
+    n: int
+    num_blocks: int
+    work: torch.Tensor
+    maxes: torch.Tensor
+    sums: torch.Tensor
+
+
+def _workspace(p: torch.Tensor) -> _Workspace:
+    num_blocks = triton.cdiv(p.numel(), PARTIAL_BLOCK)
+    width = triton.cdiv(num_blocks, 4) * 4  # keeps each piece 16-byte aligned
+    work = torch.empty(4 + 2 * width, dtype=torch.float32, device=p.device)
+    return _Workspace(p.numel(), num_blocks, work, work[4:4 + width], work[4 + width:])
+
+
+def _whole_tensor(spaces: list[_Workspace], field: str, group) -> list[tuple[torch.Tensor, int]]:
+    """Per tensor, the blocks' partial statistics that the next stats kernel reduces, as (entries, count): the
+    tensor's own blocks, or with ``group`` one entry, this statistic of the whole tensor across the group (max|g|
+    in float32, Σg² in float64), from one all-reduce for all tensors, on the device."""
+    if group is None:
+        return [(getattr(w, field), w.num_blocks) for w in spaces]
+    import torch.distributed as dist
+
+    maxes = field == "maxes"
+    dtype = torch.float32 if maxes else torch.float64
+    local = torch.stack([
+        (getattr(w, field)[:w.num_blocks].amax() if maxes else getattr(w, field)[:w.num_blocks].double().sum())
+        if w.num_blocks else torch.zeros((), dtype=dtype, device=w.work.device) for w in spaces])
+    dist.all_reduce(local, op=dist.ReduceOp.MAX if maxes else dist.ReduceOp.SUM, group=group)
+    return [(local[i:i + 1], 1) for i in range(len(spaces))]
+
+
 def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *, lr,
                      beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset, official, grad_scale=None,
-                     found_inf=None) -> None:
-    """Five launches per tensor (see the module docstring). See fastopt.ops.spam.stable_spam_step."""
+                     found_inf=None, group=None) -> None:
+    """Five launches per tensor (see the module docstring), in three phases over all tensors: the first
+    reduction; AdaClip and the clipped reduction; AdaGN and the update. ``group``: the process group over which the
+    tensors are shards of larger ones: after each reduction phase, one all-reduce over it (``_whole_tensor``).
+    See fastopt.ops.spam.stable_spam_step."""
     found_inf = advance_steps(steps + stats_steps, found_inf)
     hp, (b1, beta2, eps, weight_decay, log_b1, log_beta2, g1, gamma2, gamma3) = device_hyperparameters(
         steps[0].device, beta1 * scale, beta2, eps, weight_decay, gamma1 * scale, gamma2, gamma3)
+    has = dict(HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None, num_warps=NUM_WARPS)
+    spaces = [_workspace(p) for p in params]
+    u = steps if official else stats_steps  # official: AdaClip/AdaGN use Adam's t (quirk (b))
+    fi = steps if found_inf is None else [found_inf] * len(params)
+    hps = steps if hp is None else [hp] * len(params)
+
+    def partials(i, clipped):
+        w = spaces[i]
+        partials_kernel[(w.num_blocks,)](grads[i], steps[i] if grad_scale is None else grad_scale, w.maxes, w.sums,
+                                         w.work, w.n, HAS_GRAD_SCALE=grad_scale is not None, CLIPPED=clipped,
+                                         BLOCK=PARTIAL_BLOCK, num_warps=NUM_WARPS)
+
+    for i in range(len(params)):
+        partials(i, False)
+    maxes = _whole_tensor(spaces, "maxes", group)
+    for i in range(len(params)):
+        adaclip_kernel[(1,)](maxes[i][0], u[i], m_maxes[i], spaces[i].work, fi[i], hps[i], maxes[i][1], gamma3,
+                             1 - gamma3, _log(gamma3), R=STATS_BLOCK, **has)
+        partials(i, True)
+    sums = _whole_tensor(spaces, "sums", group)
     for i, p in enumerate(params):
-        n = p.numel()
-        num_blocks = triton.cdiv(n, PARTIAL_BLOCK)
-        width = triton.cdiv(num_blocks, 4) * 4  # keeps each piece 16-byte aligned
-        work = torch.empty(4 + 2 * width, dtype=torch.float32, device=p.device)  # thr, thr/M, c/n, -; maxes; sums
-        maxes, sums = work[4:4 + width], work[4 + width:]
-        u = steps[i] if official else stats_steps[i]  # official: AdaClip/AdaGN use Adam's t (quirk (b))
-        fi = steps[i] if found_inf is None else found_inf
-        hp_ptr = steps[i] if hp is None else hp
-        has = dict(HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None, num_warps=NUM_WARPS)
-
-        def partials(clipped):
-            partials_kernel[(num_blocks,)](grads[i], steps[i] if grad_scale is None else grad_scale, maxes, sums,
-                                           work, n, HAS_GRAD_SCALE=grad_scale is not None, CLIPPED=clipped,
-                                           BLOCK=PARTIAL_BLOCK, num_warps=NUM_WARPS)
-
-        partials(False)
-        adaclip_kernel[(1,)](maxes, u, m_maxes[i], work, fi, hp_ptr, num_blocks, gamma3, 1 - gamma3, _log(gamma3),
-                             R=STATS_BLOCK, **has)
-        partials(True)
-        adagn_kernel[(1,)](sums, u, steps[i], m_norms[i], v_norms[i], work, fi, hp_ptr, num_blocks, g1, 1 - g1,
-                           _log(g1), gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset, R=STATS_BLOCK, **has)
-        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], work, hp, lr=lr, beta1=b1, beta2=beta2,
+        adagn_kernel[(1,)](sums[i][0], u[i], steps[i], m_norms[i], v_norms[i], spaces[i].work, fi[i], hps[i],
+                           sums[i][1], g1, 1 - g1, _log(g1), gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset,
+                           R=STATS_BLOCK, **has)
+        _update(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], spaces[i].work, hp, lr=lr, beta1=b1, beta2=beta2,
                 log_beta1=log_b1, log_beta2=log_beta2, eps=eps, weight_decay=weight_decay, threshold=0.0, scale=1.0,
                 grad_scale=grad_scale, found_inf=found_inf, STABLE=True, CLIP=False,
                 ZERO_OLD=reset and not official, STORE_ZEROS=reset and official)

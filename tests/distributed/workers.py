@@ -1,0 +1,201 @@
+"""What the distributed tests run on each rank (tests/distributed/launch.py spawns them).
+
+Every rank trains on the same batch, so the averaged gradient equals one process's bit for bit; the element-wise
+steps are then bit-identical to one process on the whole model, whatever the world size. Stable-SPAM's norms are
+sums across shards, equal up to the order of the additions: its params are compared within 1e-6 and its statistics
+(max|g|, the norm's moments: what sharding changes) within 1e-5 relative. Its configs here never reset the moments
+(update_proj_gap=0): at a reset (t = 1) the update is about lr·sign(g) wherever |g| is near eps, which turns
+last-bit differences into visible ones; resets are element-wise and tested per op. Each check compares with a
+one-process run of the same optimizer (``reference``), computed on the rank itself.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import fastopt
+import fastopt.schedules
+
+TOTAL, SAVE_AT, SAVE_AGAIN_AT, SPIKE = 8, 3, 6, 4  # steps; the batch at SPIKE is 30x larger
+QUANT = dict(min_quant_size=1024)
+
+# name -> optimizer factory. The first layer's weight (301 x 256: rows of whole quantization blocks, uneven shards
+# on 2 and 4 ranks) is quantized; the rest is under min_quant_size.
+CONFIGS = {
+    "torch-adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "adamw-schedule": lambda ps: fastopt.AdamW(ps, lr=fastopt.schedules.WSD(1e-2, TOTAL, warmup=2)),
+    "adamw-4bit": lambda ps: fastopt.AdamW(ps, lr=1e-2, state_bits=4, **QUANT),
+    "adamw-8bit": lambda ps: fastopt.AdamW(ps, lr=1e-2, state_bits=8, **QUANT),
+    "adamw-bf16": lambda ps: fastopt.AdamW(ps, lr=1e-2, state_bits=16),
+    "adam-amsgrad": lambda ps: fastopt.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    "spam-4bit": lambda ps: fastopt.SPAM(ps, lr=1e-2, warmup_steps=2, threshold=2, DeltaT=4, grad_accu_steps=1,
+                                         state_bits=4, **QUANT),
+    "stable-spam-4bit": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, total_T=TOTAL, state_bits=4,
+                                                      **QUANT),
+    "stable-spam-official": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, compat="official"),
+    "stable-spam-reference": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, backend="reference"),
+    "stable-spam-triton-4bit": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, state_bits=4,
+                                                             backend="triton", **QUANT),
+}
+CLOSE = {name: 1e-6 for name in CONFIGS if name.startswith("stable-spam")}  # see the module docstring
+STATISTICS = ("m_max", "m_norm", "v_norm")  # Stable-SPAM's per-tensor statistics
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 301), torch.nn.Tanh(), torch.nn.Linear(301, 3))
+
+
+def sharded(m: torch.nn.Module) -> torch.nn.Module:
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(m)
+    return m
+
+
+def batch(step: int) -> torch.Tensor:
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1000 + step))
+    return x * 30 if step == SPIKE else x
+
+
+def train(m: torch.nn.Module, opt, steps: range) -> None:
+    for step in steps:
+        m(batch(step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t.detach()
+
+
+def reference(name: str, steps: int, cache: dict = {}) -> tuple[list[torch.Tensor], list[dict]]:  # noqa: B006
+    """One process's params and per-param optimizer states after ``steps`` steps (cached per process)."""
+    if (name, steps) not in cache:
+        m = model()
+        opt = CONFIGS[name](list(m.parameters()))
+        train(m, opt, range(steps))
+        cache[(name, steps)] = [p.detach().clone() for p in m.parameters()], [opt.state[p] for p in m.parameters()]
+    return cache[(name, steps)]
+
+
+def check(m: torch.nn.Module, opt, name: str, steps: int, where: str) -> None:
+    params, states = reference(name, steps)
+    for i, (p, want, state) in enumerate(zip(m.parameters(), params, states)):
+        error = (whole(p) - want).abs().max().item()
+        assert error <= CLOSE.get(name, 0.0), f"{name}, {where}: param {i} differs from one process by {error}"
+        for key in STATISTICS:
+            if key in state:
+                got, expected = opt.state[p][key].item(), state[key].item()
+                assert abs(got - expected) <= 1e-5 * abs(expected), f"{name}, {where}: {key} of param {i} is {got}, " \
+                                                                    f"one process has {expected}"
+
+
+def save(m: torch.nn.Module, opt, path: str) -> None:
+    model_sd, optim_sd = get_state_dict(m, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load(name: str, path: str):
+    """A fresh sharded model and optimizer, resumed from the DCP checkpoint at ``path``."""
+    m = sharded(model())
+    opt = CONFIGS[name](list(m.parameters()))
+    model_sd, optim_sd = get_state_dict(m, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return m, opt
+
+
+# ---- FSDP2 + DCP: train and save on 2 ranks, reshard onto 4, back onto 2 -------------------------------------------
+def fsdp_train_save_resume(rank: int, world: int, root: str) -> None:
+    """Each config: equals one process; saved at SAVE_AT; resumed on the same world size bit for bit."""
+    for name in CONFIGS:
+        m = sharded(model())
+        opt = CONFIGS[name](list(m.parameters()))
+        train(m, opt, range(SAVE_AT))
+        save(m, opt, os.path.join(root, name, "first"))
+        train(m, opt, range(SAVE_AT, TOTAL))
+        check(m, opt, name, TOTAL, f"{world} ranks")
+        uninterrupted = [whole(p) for p in m.parameters()]
+        m, opt = load(name, os.path.join(root, name, "first"))
+        train(m, opt, range(SAVE_AT, TOTAL))
+        for i, (p, want) in enumerate(zip(m.parameters(), uninterrupted)):
+            assert torch.equal(whole(p), want), f"{name}: resumed on {world} ranks, param {i} differs"
+        if isinstance(opt, fastopt.FusedOptimizer):
+            assert opt._step_count == TOTAL, f"{name}: step count {opt._step_count} after resuming"
+
+
+def fsdp_resharded(rank: int, world: int, root: str, load_from: str, steps: range, save_as: str | None) -> None:
+    """Each config: resumed from a checkpoint saved on another world size, trained on, equal to one process."""
+    for name in CONFIGS:
+        m, opt = load(name, os.path.join(root, name, load_from))
+        train(m, opt, steps)
+        check(m, opt, name, steps.stop, f"saved on another world size, resumed on {world} ranks")
+        if save_as is not None:
+            save(m, opt, os.path.join(root, name, save_as))
+
+
+# ---- what sharded state looks like, and what is refused --------------------------------------------------------
+def fsdp_layout_and_errors(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    aligned = torch.nn.Parameter(distribute_tensor(torch.randn(41, 256), mesh, [Shard(0)]))
+    ragged = torch.nn.Parameter(distribute_tensor(torch.randn(41, 25), mesh, [Shard(0)]))
+    opt = fastopt.AdamW([aligned, ragged], state_bits=4, min_quant_size=0)
+    for p in (aligned, ragged):
+        p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)])
+    opt.step()
+    codes, scales = opt.state[aligned]["exp_avg_codes"], opt.state[aligned]["exp_avg_scales"]
+    assert isinstance(codes, DTensor) and codes.shape == (41, 128) and scales.shape == (41, 2)
+    assert codes.placements == aligned.placements and codes.to_local().shape[0] == aligned.to_local().shape[0]
+    # rows of 25 elements hold no whole 128-element block: fp32 moments, sharded as the param
+    assert set(opt.state[ragged]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[ragged]["exp_avg"].dtype == torch.float32 and opt.state[ragged]["exp_avg"].placements == (Shard(0),)
+
+    by_columns = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    _raises(ValueError, "placements", lambda: fastopt.AdamW([by_columns]))
+    _raises(NotImplementedError, "GaLore", lambda: fastopt.AdamW([{"params": [aligned], "rank": 4}]))
+    plain_grad = fastopt.AdamW([aligned])
+    aligned.grad = torch.zeros(aligned.shape)
+    _raises(RuntimeError, "sharded as the param", plain_grad.step)
+    assert not plain_grad.state, "a refused step() changed the state"
+
+
+def _raises(kind, words: str, fn) -> None:
+    try:
+        fn()
+    except kind as e:
+        assert words in str(e), f"{kind.__name__} without {words!r}: {e}"
+    else:
+        raise AssertionError(f"no {kind.__name__} ({words})")
+
+
+# ---- DDP ------------------------------------------------------------------------------------------------------------
+DDP_CONFIGS = {
+    **{name: CONFIGS[name] for name in ("adamw-4bit", "adam-amsgrad", "spam-4bit", "stable-spam-4bit")},
+    "galore-adamw": lambda ps: fastopt.AdamW([{"params": [ps[0]], "rank": 8, "update_proj_gap": 3},
+                                              {"params": ps[1:]}], lr=1e-2),
+    "galore-stable-spam-4bit": lambda ps: fastopt.StableSPAM([{"params": [ps[0]], "rank": 8, "update_proj_gap": 3,
+                                                               "refresh": "randomized"}, {"params": ps[1:]}],
+                                                             lr=1e-2, state_bits=4, **QUANT),
+}
+
+
+def ddp_train(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, factory in DDP_CONFIGS.items():
+        m = DistributedDataParallel(model())
+        opt = factory(list(m.parameters()))
+        train(m, opt, range(TOTAL))
+        CONFIGS.setdefault(name, factory)  # reference() builds the same optimizer
+        check(m.module, opt, name, TOTAL, "DDP")
