@@ -1,6 +1,7 @@
 """Optimizer step throughput on this machine: fastopt against torch.optim (and installed peers).
 
     python -m bench [--preset llama-110m] [--rounds 10] [--only NAME ...] [--threads N] [--out bench/results]
+    python -m bench --world-size 2 [--preset llama-20m]    per-rank steps on DTensor shards (bench/distributed.py)
 
 Timing is paired: every round runs each contender's step once, in an order rotated per round (A B C, B C A,
 ...), after warm-up; the table reports medians. A streaming-bandwidth probe (an in-place ``a += b`` over as
@@ -169,12 +170,18 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="llama-110m", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="parameter shapes (default: llama-110m; llama-20m with --world-size)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="step DTensor shards on this many ranks instead (bench/distributed.py)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
     add_study_options(parser, "<preset>.json and <preset>.md", "PRESET")
     args = parse_study_args(parser, argv)
+    if args.world_size:
+        return distributed_main(args)
+    args.preset = args.preset or "llama-110m"
     only = args.only + [BASELINE] if args.only else None
     result = run(args.preset, args.rounds, args.warmup, only)
     text = table(result) + f"\n\nCommand: `{result['command']}`"
@@ -185,6 +192,19 @@ def main(argv=None) -> int:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     print(f"\nwrote {out}/{args.preset}.json, .md and .png", file=sys.stderr)
+    return 0
+
+
+def distributed_main(args: argparse.Namespace) -> int:
+    from bench import distributed
+
+    preset = args.preset or distributed.DEFAULT_PRESET
+    result = distributed.run(args.world_size, preset, args.rounds, args.warmup, args.only)
+    text = distributed.table(result) + f"\n\nCommand: `{result['command']}`"
+    print(text)
+    name = f"distributed-{preset}-{args.world_size}-ranks"
+    out = publish(Path(args.out), name, result, text, args.readme)
+    print(f"\nwrote {out}/{name}.json and .md", file=sys.stderr)
     return 0
 
 

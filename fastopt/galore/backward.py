@@ -16,13 +16,17 @@ The training loop stays as it is::
 The result is exactly what ``optimizer.step()`` alone would give: each param is stepped with the hyperparameters
 and step count of the step() that follows, and a param whose gradient did not arrive ``accumulation_steps`` times
 since the last step() (unused in some micro-batch) keeps its gradient and is updated by step() as usual.
-Not supported: GradScaler (the gradients are still scaled when the hooks run) and closures that re-run backward.
+Not supported: GradScaler (the gradients are still scaled when the hooks run), closures that re-run backward, and
+distributed gradients: DDP (a DistributedDataParallel model is refused) and FSDP2 (DTensor params are refused) reduce
+the gradients after they are complete on a rank, so a hook would step with an unreduced one.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+
+from fastopt.ops import sharding
 
 
 class BackwardStepping:
@@ -57,8 +61,17 @@ def step_in_backward(model_or_params: torch.nn.Module | Iterable[torch.Tensor], 
         raise ValueError(f"step_in_backward: accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
     if not hasattr(optimizer, "step_param"):
         raise TypeError(f"step_in_backward: optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
+    if isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("step_in_backward: the model is wrapped in DistributedDataParallel, which all-reduces the "
+                         "gradients after they are complete on this rank: a param stepped in backward would use its "
+                         "unreduced gradient; call optimizer.step() after backward() instead")
     params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
     params = [p for p in params if p.requires_grad]
+    for i, p in enumerate(params):
+        if sharding.is_sharded(p):
+            raise ValueError(f"step_in_backward: parameter {i} (shape {tuple(p.shape)}) is a DTensor (FSDP2): its "
+                             "gradient is reduce-scattered into it after backward, not accumulated where the hook "
+                             "runs; call optimizer.step() after backward() instead")
     held = {p for group in optimizer.param_groups for p in group["params"]}
     for i, p in enumerate(params):
         if p not in held:

@@ -16,6 +16,7 @@ import torch
 
 from fastopt.galore import policy
 from fastopt.galore import projector as proj
+from fastopt.ops import sharding
 from fastopt.ops.common import compute_dtype
 from fastopt.quant import formats as quant
 
@@ -30,6 +31,9 @@ class Host(Protocol):
 
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
         """The optimizer's own step of ``shadow`` (its grad and state set), with ``hp`` as given."""
+
+    def _moment_like(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """An empty tensor shaped (and sharded) as ``p``'s low-rank moments."""
 
     def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
         """(moment as the ops take it: a tensor or quant.Quantized, signed) for each of ``p``'s (low-rank) moments."""
@@ -63,16 +67,22 @@ class GaLoreStepper:
             advance = True
             if policy.refresh_due(step, gap, position, group["stagger"]):
                 grad = p.grad + rate * p if l2 else p.grad  # the gradient Adam's coupled decay sees
-                change = policy.refresh(p, grad, state, group, position, self.cache)
+                change = self._refresh(p, grad, state, group, position)
                 advance = change is not None  # a skipped refresh (non-finite gradient) is retried next step
                 if change is not None and step > 0:
                     self._carry_moments(host, p, group, state, change)
-            left, right = policy.projectors(p, state, group, self.cache)
+            left, right = self._local_projectors(p, state, group)
             shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
-            low = proj.project(p.grad, left, right, out=self._scratch("low", shape, p))
+            # a sharded param's R: sharded as its rows for a right projection, else whole on every rank
+            like = host._moment_like(p, group) if sharding.is_sharded(p) else None
+            local_shape = shape if like is None else tuple(sharding.local(like).shape)
+            rows = sharding.shard_group(p)
+            low = _project(sharding.local(p.grad), left, right, rows, out=self._scratch("low", local_shape, p))
             if l2:
-                low.add_(proj.project(p, left, right) * rate)
-            shadow = self._scratch("shadow", shape, p).zero_()
+                low.add_(_project(sharding.local(p), left, right, rows) * rate)
+            shadow = self._scratch("shadow", local_shape, p).zero_()
+            if sharding.is_sharded(like):
+                shadow, low = (sharding.like(p, t, shape) for t in (shadow, low))
             shadow.grad = low
             host.state[shadow] = state  # the same dict: the optimizer updates the param's low-rank moments
             try:
@@ -80,13 +90,43 @@ class GaLoreStepper:
             finally:
                 del host.state[shadow]
                 shadow.grad = None
-            _apply_low_rank_update(p, shadow, left, right, group["scale"], rule, rate)
+            _apply_low_rank_update(sharding.local(p), sharding.local(shadow), left, right, group["scale"], rule, rate)
             if advance:
                 state["proj_step"] += 1
 
+    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                 position: int) -> policy.Refresh | None:
+        """policy.refresh; for a sharded param on the whole gradient and projectors (an all-gather of the gradient, at
+        refreshes only: every rank then computes the projectors of one process, and keeps the left one's rows)."""
+        if not sharding.is_sharded(p):
+            return policy.refresh(p, grad, state, group, position, self.cache)
+        whole = dict(state)
+        if "proj_left" in whole:
+            whole["proj_left"] = whole["proj_left"].full_tensor()
+        if group["refresh"] != "random":  # a seeded random basis needs no gradient
+            grad = grad.full_tensor()
+        change = policy.refresh(p, grad, whole, group, position, self.cache)
+        if "proj_left" in whole:
+            state["proj_left"] = sharding.distribute_like(whole["proj_left"], p)
+        if "proj_right" in whole:
+            state["proj_right"] = whole["proj_right"]
+        return change
+
+    def _local_projectors(self, p: torch.Tensor, state: dict, group: dict) -> proj.Projectors:
+        """The projectors as this rank applies them: a sharded param's left projector by its own rows (the right one
+        is whole on every rank)."""
+        left, right = policy.projectors(p, state, group, self.cache)
+        if left is None or not sharding.is_sharded(p) or sharding.is_sharded(left):
+            return sharding.local(left), right
+        key = ("rows", p)  # a regenerated random projector: its rows, cut once per seed
+        hit = self.cache.get(key)
+        if hit is None or hit[0] is not left:
+            hit = self.cache[key] = (left, sharding.local(sharding.distribute_like(left, p)))
+        return hit[1], right
+
     def _scratch(self, role: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """A reused low-rank buffer per (role, shape, dtype, device): memory only, never in the state."""
-        key = (role, shape, like.dtype, like.device)
+        key = (role, shape, like.dtype, like.device)  # like: a param (a DTensor's device is its shard's)
         buffer = self.buffers.get(key)
         if buffer is None:
             buffer = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -100,7 +140,7 @@ class GaLoreStepper:
         policy_name = group["moments"]
         if policy_name == "keep":
             return
-        moments = host._stored_moments(p, group)
+        moments = [(sharding.local_moment(m), signed) for m, signed in host._stored_moments(p, group)]
         if policy_name == "reset":  # on a device, "changed" is a 0-d bool tensor: zero by multiplying, no host read
             unchanged = None if change.changed is True else ~change.changed
             tensors = [state["step"]]
@@ -112,11 +152,23 @@ class GaLoreStepper:
         basis = proj.change_of_basis(change.old, change.new)
         for moment, signed in moments:
             if isinstance(moment, quant.Quantized):
-                shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
+                shape = tuple(sharding.local(host._moment_like(p, group)).shape)  # this rank's rows, if sharded
                 values = moment.dequantize(shape[0] * shape[1]).view(shape)
                 moment.assign(proj.reproject(values, basis, squared=not signed))
             else:
                 moment.copy_(proj.reproject(moment.to(compute_dtype(moment)), basis, squared=not signed))
+
+
+def _project(grad: torch.Tensor, left, right, group, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """proj.project on this rank's rows of the gradient: with a left projector and sharded rows, Lᵀ·G is a sum over
+    the ranks' rows (one all-reduce of r×n); a right projection is local (R's rows are G's)."""
+    if left is None or group is None:
+        return proj.project(grad, left, right, out=out)
+    import torch.distributed as dist
+
+    low = left.T @ grad
+    dist.all_reduce(low, group=group)
+    return low if right is None else torch.mm(low, right.T, out=out)
 
 
 def _apply_low_rank_update(p, update, left, right, scale, rule, rate) -> None:

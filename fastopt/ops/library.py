@@ -14,6 +14,9 @@ step recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
     stable_spam_step  lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset
     spam_step         lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip
 
+``grad_stats`` gives per tensor max|g| and Σg² (after an optional AdaClip), the statistics that Stable-SPAM reduces
+across the shards of sharded params before its step op takes them as ``grad_stats`` (fastopt/ops/spam.py).
+
 ``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
 a compiled ``step()`` calls back into Python for it at every step instead of baking its values into the graph.
 """

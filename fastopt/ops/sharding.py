@@ -42,10 +42,10 @@ def local_lists(*lists: list) -> list[list]:
     as they are."""
     if not any(isinstance(x, DTensor) for x in lists[0]):
         return list(lists)
-    return [[_local_item(x) for x in xs] for xs in lists]
+    return [[local_moment(x) for x in xs] for xs in lists]
 
 
-def _local_item(x):
+def local_moment(x):
     if isinstance(x, Quantized) and isinstance(x.codes, DTensor):
         return Quantized(x.codes.to_local().view(-1), x.scales.to_local().view(-1), x.fmt)
     return local(x)
@@ -60,6 +60,12 @@ def unsupported(p) -> str | None:
         return (f"its placements are {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; fastopt steps DTensors "
                 "sharded on dim 0 over one mesh dimension (FSDP2's fully_shard, HSDP) and replicated over the others")
     return None
+
+
+def placement_key(t) -> tuple | None:
+    """What decides how ``t`` is stepped and reduced: its mesh and placements (None for a plain tensor). Cheaper than
+    ``shard_group``: step() buckets params by it."""
+    return (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else None
 
 
 def shard_group(p) -> dist.ProcessGroup | None:

@@ -127,7 +127,8 @@ def stable_spam_step(
         given = None
         if group is not None:
             given = reduced_grad_stats([g.contiguous() for g in grads], steps if official else stats_steps, m_maxes,
-                                       as_number(gamma3), group, _cpu_grad_stats(grad_scale))
+                                       as_number(gamma3), lambda x, op: _all_reduce(x, op, group),
+                                       _cpu_grad_stats(grad_scale))
         cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, per_tensor={"grad_stats": given},
                  official=official, **amp)
         return
@@ -169,22 +170,21 @@ def adaclip_limits(maxes: torch.Tensor, counters: list[torch.Tensor], m_maxes: l
 
 
 def reduced_grad_stats(grads: list[torch.Tensor], counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
-                       theta: float, group, local_stats) -> torch.Tensor:
-    """(max|g|, Σ of g² after AdaClip) of each whole tensor from the local shards ``grads``, float64 (n, 2): two
-    all-reduces over ``group`` for all tensors (a max, then a sum: the clip threshold needs the max first).
-    ``local_stats(grads, clip)`` gives the local (max, Σ clipped g²); a shard whose max is under its threshold keeps
-    its unclipped sum, as the unsharded kernels do."""
-    import torch.distributed as dist
-
+                       theta: float, all_reduce, local_stats) -> torch.Tensor:
+    """(max|g|, Σ of g² after AdaClip) of each whole tensor from the local shards ``grads``, float64 (n, 2), with
+    two calls of ``all_reduce(values, "MAX" | "SUM")`` (in place, across the ranks holding the other shards) for all
+    tensors: a max, then a sum, since the clip threshold needs the max first. ``local_stats(grads, clip)`` gives the
+    local (max, Σ clipped g²); a shard whose max is under its threshold keeps its unclipped sum, as the unsharded
+    kernels do."""
     first = local_stats(grads, None)
     maxes = first[:, 0].contiguous()
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(maxes, "MAX")
     clip = adaclip_limits(maxes, counters, m_maxes, theta)
     sums = first[:, 1].clone()
     clipped = [i for i in range(len(grads)) if not first[i, 0] <= clip[i, 0]]
     if clipped:
         sums[clipped] = local_stats([grads[i] for i in clipped], clip[clipped].contiguous())[:, 1]
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(sums, "SUM")
     return torch.stack([maxes, sums], dim=1).contiguous()
 
 

@@ -141,6 +141,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["param_shape"] = torch.tensor(list(p.shape), dtype=torch.int64)
         if like is not p:
             state.update(galore.init_state(tuple(p.shape), group, p.device, p.dtype))
+            if sharding.is_sharded(p) and "proj_left" in state:  # its rows are the param's: sharded as they are
+                left = state["proj_left"]
+                local = torch.zeros((sharding.local(p).shape[0], left.shape[1]), dtype=left.dtype, device=left.device)
+                state["proj_left"] = sharding.like(p, local, tuple(left.shape))
         return state
 
     def _check_hyperparameters(self, hp: dict) -> None:
@@ -204,6 +208,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not galore.is_projected(p, group):
             return p
         shape = galore_proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
+        if sharding.is_sharded(p) and not galore_proj.sides(tuple(p.shape), group["proj_type"])[0]:
+            # right projection of a sharded param: the low-rank rows are the param's rows, sharded as they are
+            local_rows = sharding.local(p).shape[0]
+            return sharding.like(p, torch.empty((local_rows, shape[1]), dtype=p.dtype, device=p.device), shape)
         return torch.empty(shape, dtype=p.dtype, device=p.device)
 
     # ---- hyperparameters ----------------------------------------------------------------------
@@ -267,11 +275,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_options(options)
         self._hyperparameters(options, self._step_count)
         galore.check_options(self._name, options)
-        for i, p in enumerate(params):
-            if sharding.is_sharded(p) and galore.is_projected(p, options):
-                raise NotImplementedError(f"{self._name}: params[{i}] (shape {tuple(p.shape)}) is a DTensor in a GaLore "
-                                          "group; GaLore does not step sharded params yet (FSDP2): put them in a group "
-                                          "without rank, or train GaLore under DDP")
         super().add_param_group(param_group)
 
     # ---- step ---------------------------------------------------------------------------------
@@ -375,8 +378,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_grad(self, p: torch.Tensor, where: str) -> None:
         if p.grad.is_sparse:
             raise RuntimeError(f"{self._name}: sparse gradients are not supported ({where})")
-        if sharding.is_sharded(p) != sharding.is_sharded(p.grad) or (
-                sharding.is_sharded(p) and tuple(p.grad.placements) != tuple(p.placements)):
+        if sharding.placement_key(p) != sharding.placement_key(p.grad):
             found = tuple(p.grad.placements) if sharding.is_sharded(p.grad) else "a plain tensor"
             want = tuple(p.placements) if sharding.is_sharded(p) else "a plain tensor"
             raise RuntimeError(f"{self._name}: the gradient is {found}, its parameter {want} ({where}): a sharded "
@@ -434,11 +436,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return _backends.resolve(self.backend, p.device)
 
     def _buckets(self, params: list[torch.Tensor]) -> list[tuple[torch.device, str, list[torch.Tensor]]]:
-        """Params grouped by device, backend and the process group they are sharded over (plain tensors: none):
-        one multi-tensor op call per bucket, as (device, backend, params)."""
+        """Params grouped by device, backend and DTensor mesh and placements (plain tensors: none), so that each
+        bucket's shards reduce over one process group: one multi-tensor op call per bucket, as (device, backend,
+        params)."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            buckets[(p.device, self._backend_for(p), id(sharding.shard_group(p)))].append(p)
+            buckets[(p.device, self._backend_for(p), sharding.placement_key(p))].append(p)
         return [(device, backend, ps) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------

@@ -189,8 +189,12 @@ def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
         state["param_shape"] = layout["param_shape"]
     for key, want in layout.items():
         if isinstance(want, torch.Tensor) and key not in names and not any(key.startswith(n + "_") for n in names):
-            state[key] = state[key].to(device="cpu" if key in HOST_STATE_KEYS else p.device, dtype=want.dtype,
-                                       memory_format=torch.contiguous_format)
+            value = state[key]
+            if sharding.is_sharded(want) and _fits(value, want):  # e.g. a sharded param's left projector, from DCP
+                continue
+            value = _whole(value).to(device="cpu" if key in HOST_STATE_KEYS else sharding.local(p).device,
+                                     dtype=want.dtype)
+            state[key] = _placed(value, want, p)
 
 
 def _fits(t: Any, want: torch.Tensor) -> bool:

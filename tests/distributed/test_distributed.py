@@ -30,8 +30,17 @@ def test_fsdp2_resumes_resharded_4_to_2(checkpoints):
     launch.run(2, workers.fsdp_resharded, checkpoints, "again", range(workers.SAVE_AGAIN_AT, workers.TOTAL), None)
 
 
+@pytest.fixture
+def one_thread():
+    """The ranks run on one thread each (launch.py): so does a one-process comparison, whose matmuls must sum alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", [n for n in workers.CONFIGS if n != "torch-adamw"])
-def test_consolidated_checkpoint_loads_without_distributed(checkpoints, tmp_path, name):
+def test_consolidated_checkpoint_loads_without_distributed(checkpoints, tmp_path, name, one_thread):
     """dcp_to_torch_save's single file loads into a non-distributed optimizer, which goes on as one process would."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import set_state_dict

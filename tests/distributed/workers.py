@@ -1,9 +1,11 @@
 """What the distributed tests run on each rank (tests/distributed/launch.py spawns them).
 
 Every rank trains on the same batch, so the averaged gradient equals one process's bit for bit; the element-wise
-steps are then bit-identical to one process on the whole model, whatever the world size. Stable-SPAM's norms are
-sums across shards, equal up to the order of the additions: its params are compared within 1e-6 and its statistics
-(max|g|, the norm's moments: what sharding changes) within 1e-5 relative. Its configs here never reset the moments
+steps are then bit-identical to one process on the whole model, whatever the world size. Stable-SPAM's norms and
+a left GaLore projection (Lᵀ·G) are sums across shards, equal up to the order of the additions: their params are
+compared within 1e-6, except that 0.1% of the elements may be off by up to 0.3·lr (a last-bit difference that rounds
+a 4-bit code the other way moves its moment by a quantization step), and Stable-SPAM's statistics (max|g|, the
+norm's moments: what sharding changes) within 1e-5 relative. Its configs here never reset the moments
 (update_proj_gap=0): at a reset (t = 1) the update is about lr·sign(g) wherever |g| is near eps, which turns
 last-bit differences into visible ones; resets are element-wise and tested per op. Each check compares with a
 one-process run of the same optimizer (``reference``), computed on the rank itself.
@@ -19,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 import fastopt
+import fastopt.galore
 import fastopt.schedules
 
 TOTAL, SAVE_AT, SAVE_AGAIN_AT, SPIKE = 8, 3, 6, 4  # steps; the batch at SPIKE is 30x larger
@@ -41,8 +44,19 @@ CONFIGS = {
     "stable-spam-reference": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, backend="reference"),
     "stable-spam-triton-4bit": lambda ps: fastopt.StableSPAM(ps, lr=1e-2, update_proj_gap=0, state_bits=4,
                                                              backend="triton", **QUANT),
+    # GaLore on both weights: 301x256 is projected on the right (its rows stay local), 3x301 on the left (Lᵀ·G sums
+    # over the ranks' rows); refreshes at steps 0, 3 and 6
+    "galore-adamw": lambda ps: fastopt.AdamW([{"params": [ps[0], ps[2]], "rank": 8, "update_proj_gap": 3},
+                                              {"params": [ps[1], ps[3]]}], lr=1e-2),
+    "galore-left-randomized-4bit": lambda ps: fastopt.AdamW(
+        [{"params": [ps[0]], "rank": 4, "update_proj_gap": 3, "proj_type": "left", "refresh": "randomized",
+          "moments": "reproject"}, {"params": ps[1:]}], lr=1e-2, state_bits=4, **QUANT),
+    "galore-random-stable-spam": lambda ps: fastopt.StableSPAM(
+        [{"params": [ps[0]], "rank": 128, "update_proj_gap": 3, "refresh": "random"}, {"params": ps[1:]}],
+        lr=1e-2, update_proj_gap=0, state_bits=4, **QUANT),
 }
-CLOSE = {name: 1e-6 for name in CONFIGS if name.startswith("stable-spam")}  # see the module docstring
+# see the module docstring; a left GaLore projection Lᵀ·G is a sum over the ranks' rows, too
+CLOSE = {name: 1e-6 for name in CONFIGS if name.startswith(("stable-spam", "galore"))}
 STATISTICS = ("m_max", "m_norm", "v_norm")  # Stable-SPAM's per-tensor statistics
 
 
@@ -88,8 +102,13 @@ def reference(name: str, steps: int, cache: dict = {}) -> tuple[list[torch.Tenso
 def check(m: torch.nn.Module, opt, name: str, steps: int, where: str) -> None:
     params, states = reference(name, steps)
     for i, (p, want, state) in enumerate(zip(m.parameters(), params, states)):
-        error = (whole(p) - want).abs().max().item()
-        assert error <= CLOSE.get(name, 0.0), f"{name}, {where}: param {i} differs from one process by {error}"
+        errors = (whole(p) - want).abs()
+        if name in CLOSE:
+            off = (errors > CLOSE[name]).float().mean().item()
+            assert off <= 1e-3 and errors.max() <= 3e-3, f"{name}, {where}: param {i} differs from one process by " \
+                                                         f"up to {errors.max().item()}, {off:.2%} of it over 1e-6"
+        else:
+            assert errors.max() == 0, f"{name}, {where}: param {i} differs from one process by {errors.max().item()}"
         for key in STATISTICS:
             if key in state:
                 got, expected = opt.state[p][key].item(), state[key].item()
@@ -163,7 +182,7 @@ def fsdp_layout_and_errors(rank: int, world: int) -> None:
 
     by_columns = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
     _raises(ValueError, "placements", lambda: fastopt.AdamW([by_columns]))
-    _raises(NotImplementedError, "GaLore", lambda: fastopt.AdamW([{"params": [aligned], "rank": 4}]))
+    _raises(ValueError, "DTensor (FSDP2)", lambda: fastopt.galore.step_in_backward([aligned], fastopt.AdamW([aligned])))
     plain_grad = fastopt.AdamW([aligned])
     aligned.grad = torch.zeros(aligned.shape)
     _raises(RuntimeError, "sharded as the param", plain_grad.step)
@@ -180,22 +199,18 @@ def _raises(kind, words: str, fn) -> None:
 
 
 # ---- DDP ------------------------------------------------------------------------------------------------------------
-DDP_CONFIGS = {
-    **{name: CONFIGS[name] for name in ("adamw-4bit", "adam-amsgrad", "spam-4bit", "stable-spam-4bit")},
-    "galore-adamw": lambda ps: fastopt.AdamW([{"params": [ps[0]], "rank": 8, "update_proj_gap": 3},
-                                              {"params": ps[1:]}], lr=1e-2),
-    "galore-stable-spam-4bit": lambda ps: fastopt.StableSPAM([{"params": [ps[0]], "rank": 8, "update_proj_gap": 3,
-                                                               "refresh": "randomized"}, {"params": ps[1:]}],
-                                                             lr=1e-2, state_bits=4, **QUANT),
-}
+DDP_CONFIGS = ("adamw-4bit", "adam-amsgrad", "spam-4bit", "stable-spam-4bit", "galore-adamw",
+               "galore-left-randomized-4bit", "galore-random-stable-spam")
 
 
 def ddp_train(rank: int, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    for name, factory in DDP_CONFIGS.items():
+    ddp = DistributedDataParallel(model())
+    _raises(ValueError, "DistributedDataParallel",
+            lambda: fastopt.galore.step_in_backward(ddp, fastopt.AdamW(ddp.parameters())))
+    for name in DDP_CONFIGS:
         m = DistributedDataParallel(model())
-        opt = factory(list(m.parameters()))
+        opt = CONFIGS[name](list(m.parameters()))
         train(m, opt, range(TOTAL))
-        CONFIGS.setdefault(name, factory)  # reference() builds the same optimizer
         check(m.module, opt, name, TOTAL, "DDP")

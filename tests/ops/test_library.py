@@ -142,3 +142,14 @@ def test_step_ops_take_empty_lists():
         args, kwargs = step_args(op, "4bit", 1)
         empty = [[] if isinstance(a, list) else a for a in args]
         assert getattr(torch.ops.fastopt, op)(*empty, **kwargs) is None
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_grad_stats_passes_opcheck(n):
+    grads = [torch.randn(n), torch.randn(n + 3).bfloat16()]
+    clip = torch.tensor([[0.5, 0.25], [float("inf"), 1.0]], dtype=torch.float32)
+    for args in ((grads, None, None), (grads, clip, torch.tensor(4.0))):
+        torch.library.opcheck(torch.ops.fastopt.grad_stats.default, args)
+    args, kwargs = step_args("stable_spam_step", "4bit", n)
+    kwargs["grad_stats"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastopt.stable_spam_step.default, args, kwargs)

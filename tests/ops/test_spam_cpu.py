@@ -108,3 +108,36 @@ def test_gradient_norm_is_accurate(cpu_isa, kind):
     m_norm, m_max = counters[2][0].item(), counters[4][0].item()
     assert m_norm / (1 - STABLE["gamma1"]) == pytest.approx(g.double().norm().item(), rel=3e-7)
     assert m_max == pytest.approx((1 - STABLE["gamma3"]) * g.abs().max().item(), rel=1e-7)
+
+
+@pytest.mark.parametrize("compat", [None, "official"])
+@pytest.mark.parametrize("storage", [torch.float32, 4])
+def test_given_statistics_reproduce_the_ops_own_bit_for_bit(storage, compat):
+    """What a sharded Stable-SPAM step does (fastopt/ops/spam.py: grad_stats, AdaClip's limits and the clipped sums
+    by reduced_grad_stats, then the op taking them as grad_stats), run on one rank: the same clipping, norms and
+    update as the op's own reductions, bit for bit, over steps with a spike in one chunk."""
+    from fastopt.ops._backends import cpu_step
+    from fastopt.ops.library import pack_hyperparameters
+    from fastopt.ops.spam import _cpu_grad_stats, reduced_grad_stats
+
+    sizes = [70_001, 129, 3 * 65536]
+    hp = pack_hyperparameters("stable_spam_step", **STABLE, scale=1.0, reset=0.0)
+    runs = []
+    for given in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=gen) for n in sizes]
+        ms, vs = zip(*[moments(n, storage) for n in sizes])
+        counters = [[torch.zeros(()) for _ in sizes] for _ in range(5)]  # t, u, m_norm, v_norm, m_max
+        for step in range(4):
+            grads = [torch.randn(n, generator=gen) for n in sizes]
+            if step == 2:
+                grads[2][70_000:70_010] *= 1e3
+            stats = None
+            if given:
+                stats = reduced_grad_stats(grads, counters[0] if compat else counters[1], counters[4],
+                                           STABLE["gamma3"], lambda values, op: None, _cpu_grad_stats(None))
+            cpu_step("stable_spam_step", params, grads, list(ms), list(vs), counters, hp,
+                     per_tensor={"grad_stats": stats}, official=compat == "official")
+        flat = lambda xs: [t for x in xs for t in ((x.codes, x.scales) if hasattr(x, "codes") else (x,))]  # noqa
+        runs.append(params + flat(ms) + flat(vs) + [c for cs in counters for c in cs])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -2,7 +2,8 @@
 
 SPAM needs nothing global: one fused pass per tensor. Stable-SPAM needs two reductions of the gradient before its
 update (max|g| for AdaClip, then the norm of the clipped gradient for AdaGN); they run on the device, so a step never
-waits for the host. Per tensor, with g = grad / grad_scale:
+waits for the host. Per tensor, with g = grad / grad_scale (the launcher runs 1 for all tensors, then 2–3 for all,
+then 4–5; for sharded params one all-reduce after 1 and one after 3 give each tensor the whole tensor's M and ΣΣg²):
 
   1. partials_kernel     per 4096-element block: max|g| and Σg² into a small fp32 workspace
   2. adaclip_kernel      one program: M = max of the block maxima; m_max; thr = m_max/(1−θ^u); thr/M
