@@ -42,6 +42,16 @@ def cpu_isa(request):
         yield request.param
 
 
+@pytest.fixture
+def one_thread():
+    """Runs the test on one thread, restoring the count after: tiny models gain nothing from threads (and on a busy
+    machine wait for them), and a comparison with ranks running on one thread each must sum its matmuls alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,21 +2,9 @@
 json/md/png outputs are written. Seconds, not minutes: one layer of width 32, 30 steps."""
 import json
 
-import pytest
-import torch
-
 from bench.convergence import OPTIMIZERS, Config, study, write
 
 TINY = Config(steps=30, batch=4, context=32, dim=32, layers=1, heads=2, evals=2, val_batches=2, last=5)
-
-
-@pytest.fixture
-def one_thread():
-    """A model this small gains nothing from threads, and on a busy machine waits for them: keep the test fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_study_tracks_torch_and_writes_outputs(tmp_path, one_thread):
