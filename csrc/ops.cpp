@@ -318,6 +318,8 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 // Adam's constants, then the update. The first reduction of the next group runs inside this group's update: with
 // low-bit moments (a compute-bound update) each update chunk prefetches the next group's gradient chunks that its
 // thread reduces right after it, so the reduction reads the cache; otherwise the two kinds of chunks interleave.
+// With `grad_stats` (each tensor's max|g| and clipped Σg², reduced across the shards of sharded params by the caller,
+// fastopt/ops/spam.py) there is nothing to reduce: AdaClip and AdaGN take them, and one update pass follows.
 class StableSpamStep {
  public:
   StableSpamStep(const MomentArgs& a, at::TensorList steps, at::TensorList stats_steps, at::TensorList m_norms,

@@ -48,7 +48,7 @@ class GaLoreStepper:
     and two reused low-rank buffers per shape (no allocation, no page faults per step)."""
 
     def __init__(self) -> None:
-        self.cache: dict = {}    # param -> (seed, projectors) of refresh="random"
+        self.cache: dict = {}    # param -> (seed, projectors) of refresh="random"; ("rows", param) -> this rank's rows
         self.buffers: dict = {}  # (role, shape, dtype, device) -> buffer
 
     def clear(self) -> None:
@@ -160,15 +160,16 @@ class GaLoreStepper:
 
 
 def _project(grad: torch.Tensor, left, right, group, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """proj.project on this rank's rows of the gradient: with a left projector and sharded rows, Lᵀ·G is a sum over
-    the ranks' rows (one all-reduce of r×n); a right projection is local (R's rows are G's)."""
+    """proj.project on this rank's rows of the gradient: with a left projector and sharded rows, Lᵀ·G (·Rtᵀ) is a sum
+    over the ranks' rows (one all-reduce of R: r×n, or r×r for "full"); a right projection is local (R's rows are
+    G's)."""
     if left is None or group is None:
         return proj.project(grad, left, right, out=out)
     import torch.distributed as dist
 
-    low = left.T @ grad
+    low = proj.project(grad, left, right, out=out)  # this rank's part of the sum (r×n, or r×r for "full")
     dist.all_reduce(low, group=group)
-    return low if right is None else torch.mm(low, right.T, out=out)
+    return low
 
 
 def _apply_low_rank_update(p, update, left, right, scale, rule, rate) -> None:

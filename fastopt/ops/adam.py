@@ -45,9 +45,10 @@ def adam_step(
     share a dtype (fp32/bf16/fp16); the states share theirs; math is fp32 (float64 tensors: float64).
     A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
     tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
-    only what is stored is quantized. DTensor params (FSDP2) are stepped on their local shards. ``backend`` None picks the fastest implementation for the device.
+    only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
     ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device, the C++ op
-    takes them as data (its ``hp`` tensor), the reference reads their values."""
+    takes them as data (its ``hp`` tensor), the reference reads their values. DTensor params (FSDP2) and their
+    states are stepped on their local shards (fastopt/ops/sharding.py)."""
     if not params:
         return
     if max_exp_avg_sqs and any(isinstance(m, Quantized) for m in exp_avgs):

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from fastopt.quant.formats import Quantized
 
-if dist.is_available():
+try:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-else:  # a torch built without distributed support: nothing is ever a DTensor
+except ImportError:  # a torch built without distributed support: nothing is ever a DTensor
     DTensor = ()
 
 
@@ -65,7 +65,7 @@ def unsupported(p) -> str | None:
 def placement_key(t) -> tuple | None:
     """What decides how ``t`` is stepped and reduced: its mesh and placements (None for a plain tensor). Cheaper than
     ``shard_group``: step() buckets params by it."""
-    return (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else None
+    return (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
 
 
 def shard_group(p) -> dist.ProcessGroup | None:
@@ -76,6 +76,14 @@ def shard_group(p) -> dist.ProcessGroup | None:
         if isinstance(placement, Shard):
             return p.device_mesh.get_group(dim)
     return None
+
+
+def all_reduce_max(values: torch.Tensor, group) -> None:
+    """In place, the elementwise max across ``group`` of non-negative float32/float64 ``values`` (maxima of |g|),
+    keeping a NaN as the kernels' own max does: compared as their integer bit patterns, whose order is the floats'
+    for non-negative values and puts NaN above inf (a float max over the wire may drop a NaN)."""
+    dist.all_reduce(values.view(torch.int32 if values.element_size() == 4 else torch.int64), op=dist.ReduceOp.MAX,
+                    group=group)
 
 
 def rows_hold_blocks(p, block: int) -> bool:

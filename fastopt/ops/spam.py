@@ -41,7 +41,7 @@ from fastopt.ops._backends import cpu_step, resolve, run_contiguous
 from fastopt.ops.common import (ADAM_NUMBERS, as_number, check_compat, compute_dtype, host_numbers, load_moment,
                                 skipped, store_moment, zero_moment)
 from fastopt.ops.library import pack_hyperparameters
-from fastopt.ops.sharding import local_lists, shard_group
+from fastopt.ops.sharding import all_reduce_max, local_lists, shard_group
 from fastopt.quant.formats import Quantized
 
 
@@ -111,7 +111,9 @@ def stable_spam_step(
     official code's quirks (docs/algorithms.md#stable-spam-quirks (a), (b)). Hyperparameters may be 0-d tensors
     (``scale`` and ``reset`` too: a compiled step passes them as data): the C++ op takes them in its ``hp`` tensor,
     Triton reads the betas, eps, weight decay, gammas and lr on the device, the reference reads them on the host;
-    ``scale`` and ``reset`` choose kernels on the host for Triton and the reference."""
+    ``scale`` and ``reset`` choose kernels on the host for Triton and the reference. DTensor params (FSDP2) are
+    stepped on their local shards with the whole tensors' max|g| and norm, reduced across the ranks that hold the
+    other shards: the call is then a collective, which every one of those ranks makes with the same tensors."""
     check_compat("stable_spam_step", compat)
     if not params:
         return
@@ -140,7 +142,8 @@ def stable_spam_step(
     else:
         from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
 
-        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, group=group,
+        reduce = None if group is None else lambda x, op: _all_reduce(x, op, group)
+        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, all_reduce=reduce,
                                                               **hp), [params], [grads])
 
 
@@ -172,13 +175,16 @@ def adaclip_limits(maxes: torch.Tensor, counters: list[torch.Tensor], m_maxes: l
 def reduced_grad_stats(grads: list[torch.Tensor], counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
                        theta: float, all_reduce, local_stats) -> torch.Tensor:
     """(max|g|, Σ of g² after AdaClip) of each whole tensor from the local shards ``grads``, float64 (n, 2), with
-    two calls of ``all_reduce(values, "MAX" | "SUM")`` (in place, across the ranks holding the other shards) for all
-    tensors: a max, then a sum, since the clip threshold needs the max first. ``local_stats(grads, clip)`` gives the
-    local (max, Σ clipped g²); a shard whose max is under its threshold keeps its unclipped sum, as the unsharded
-    kernels do."""
+    two calls of ``all_reduce(values, "MAX" | "SUM")`` (in place, across the ranks holding the other shards; float32
+    maxima, float64 sums) for all tensors: a max, then a sum, since the clip threshold needs the max first.
+    ``local_stats(grads, clip)`` gives the local (max, Σ clipped g²); a shard whose max is under its threshold keeps
+    its unclipped sum, as the unsharded kernels do. The limits repeat the C++ op's AdaClip arithmetic
+    (``adaclip_limits``); tests/ops/test_spam_cpu.py checks that the op given these statistics steps bit for bit
+    as it does on its own."""
     first = local_stats(grads, None)
-    maxes = first[:, 0].contiguous()
+    maxes = first[:, 0].float()  # float32 maxima, exactly (the kernels' max is float32)
     all_reduce(maxes, "MAX")
+    maxes = maxes.double()
     clip = adaclip_limits(maxes, counters, m_maxes, theta)
     sums = first[:, 1].clone()
     clipped = [i for i in range(len(grads)) if not first[i, 0] <= clip[i, 0]]
@@ -248,6 +254,9 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
     """``group``: the process group over which the params are sharded: max|g| and ‖g‖ are reduced across it."""
     theta = gamma3
     if skipped(found_inf):
+        for p in params if group is not None else ():  # the other ranks' reductions wait for this rank's
+            _all_reduce(torch.zeros((), dtype=compute_dtype(p)), "MAX", group)
+            _all_reduce(torch.zeros((), dtype=torch.float64), "SUM", group)
         return
     b1, g1 = beta1 * scale, gamma1 * scale
     for i, p in enumerate(params):
@@ -299,9 +308,13 @@ def _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, stats_st
 
 
 def _all_reduce(x: torch.Tensor, op: str, group) -> torch.Tensor:
+    """``x`` reduced in place across ``group``: "MAX" of maxima of |g| (NaN kept, sharding.all_reduce_max) or "SUM"."""
     import torch.distributed as dist
 
-    dist.all_reduce(x, op=getattr(dist.ReduceOp, op), group=group)
+    if op == "MAX":
+        all_reduce_max(x, group)
+    else:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
 

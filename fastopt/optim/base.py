@@ -339,6 +339,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         group's constant options."""
         for group in self.param_groups:
             for p in group["params"]:
+                if p.grad is not None and sharding.is_sharded(p):
+                    raise RuntimeError(f"{self._name}: a compiled step() does not take DTensor params yet (a "
+                                       f"{tuple(p.shape)} param is one): call step() eagerly under FSDP2")
                 if p.grad is not None and self._backend_for(p) != "cpu":
                     raise RuntimeError(f"{self._name}: a compiled step() runs fastopt's C++ kernels only (CPU params "
                                        f"of float32, bfloat16 or float16); a {p.dtype} param on {p.device} takes the "

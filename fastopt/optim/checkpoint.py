@@ -2,7 +2,7 @@
 
 Saving: hyperparameters that are schedules become ``{SCHEDULE_KEY: spec}`` (``{SCHEDULE_KEY: None}`` when the
 callable has no to_dict(); loading then keeps the schedule the optimizer was built with), and the optimizer's step
-count is stored as ``step_count``. Everything is a tensor, number, string, list or dict.
+count is stored as ``step_count``, at the top and in each param group. Everything is a tensor, number, string, list or dict.
 
 Loading takes torch's layout (a torch.optim.AdamW checkpoint) or fastopt's. Everything is checked before anything
 changes: the param groups (their number, sizes, and the options this optimizer needs: a state_dict of another
@@ -102,6 +102,9 @@ def saved_step_count(state_dict: dict) -> int | None:
     if state_dict.get(STEP_COUNT_KEY) is not None:
         return int(state_dict[STEP_COUNT_KEY])
     counts = {g.get(STEP_COUNT_KEY) for g in state_dict["param_groups"]} - {None}
+    if len(counts) > 1:
+        raise ValueError(f"load_state_dict: the param groups of the state_dict hold different step counts "
+                         f"{sorted(counts)}; one optimizer has one")
     return int(counts.pop()) if counts else None
 
 

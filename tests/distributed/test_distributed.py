@@ -64,5 +64,9 @@ def test_sharded_state_layout_and_refusals():
     launch.run(2, workers.fsdp_layout_and_errors)
 
 
+def test_hsdp_mixed_params_and_empty_shards_equal_one_process():
+    launch.run(2, workers.fsdp_hsdp_mixed_and_empty_shards)
+
+
 def test_ddp_equals_one_process():
     launch.run(2, workers.ddp_train)

@@ -3,7 +3,8 @@
 SPAM needs nothing global: one fused pass per tensor. Stable-SPAM needs two reductions of the gradient before its
 update (max|g| for AdaClip, then the norm of the clipped gradient for AdaGN); they run on the device, so a step never
 waits for the host. Per tensor, with g = grad / grad_scale (the launcher runs 1 for all tensors, then 2–3 for all,
-then 4–5; for sharded params one all-reduce after 1 and one after 3 give each tensor the whole tensor's M and ΣΣg²):
+then 4–5; for sharded params one all-reduce after 1 and one after 3 give each tensor the whole tensor's M and its
+clipped Σg²):
 
   1. partials_kernel     per 4096-element block: max|g| and Σg² into a small fp32 workspace
   2. adaclip_kernel      one program: M = max of the block maxima; m_max; thr = m_max/(1−θ^u); thr/M
@@ -278,30 +279,28 @@ def _workspace(p: torch.Tensor) -> _Workspace:
     return _Workspace(p.numel(), num_blocks, work, work[4:4 + width], work[4 + width:])
 
 
-def _whole_tensor(spaces: list[_Workspace], field: str, group) -> list[tuple[torch.Tensor, int]]:
+def _whole_tensor(spaces: list[_Workspace], field: str, all_reduce) -> list[tuple[torch.Tensor, int]]:
     """Per tensor, the blocks' partial statistics that the next stats kernel reduces, as (entries, count): the
-    tensor's own blocks, or with ``group`` one entry, this statistic of the whole tensor across the group (max|g|
-    in float32, Σg² in float64), from one all-reduce for all tensors, on the device."""
-    if group is None:
+    tensor's own blocks, or with ``all_reduce`` one entry, this statistic of the whole tensor: the local ones of all
+    tensors (max|g| in float32, Σg² in float64) go through one ``all_reduce(values, "MAX" | "SUM")``, on the device."""
+    if all_reduce is None:
         return [(getattr(w, field), w.num_blocks) for w in spaces]
-    import torch.distributed as dist
-
     maxes = field == "maxes"
     dtype = torch.float32 if maxes else torch.float64
     local = torch.stack([
         (getattr(w, field)[:w.num_blocks].amax() if maxes else getattr(w, field)[:w.num_blocks].double().sum())
         if w.num_blocks else torch.zeros((), dtype=dtype, device=w.work.device) for w in spaces])
-    dist.all_reduce(local, op=dist.ReduceOp.MAX if maxes else dist.ReduceOp.SUM, group=group)
+    all_reduce(local, "MAX" if maxes else "SUM")
     return [(local[i:i + 1], 1) for i in range(len(spaces))]
 
 
 def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m_norms, v_norms, m_maxes, *, lr,
                      beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset, official, grad_scale=None,
-                     found_inf=None, group=None) -> None:
+                     found_inf=None, all_reduce=None) -> None:
     """Five launches per tensor (see the module docstring), in three phases over all tensors: the first
-    reduction; AdaClip and the clipped reduction; AdaGN and the update. ``group``: the process group over which the
-    tensors are shards of larger ones: after each reduction phase, one all-reduce over it (``_whole_tensor``).
-    See fastopt.ops.spam.stable_spam_step."""
+    reduction; AdaClip and the clipped reduction; AdaGN and the update. ``all_reduce``: for tensors that are shards
+    of larger ones, reduces the statistics across the ranks after each reduction phase (``_whole_tensor``; two
+    small launches per tensor more). See fastopt.ops.spam.stable_spam_step."""
     found_inf = advance_steps(steps + stats_steps, found_inf)
     hp, (b1, beta2, eps, weight_decay, log_b1, log_beta2, g1, gamma2, gamma3) = device_hyperparameters(
         steps[0].device, beta1 * scale, beta2, eps, weight_decay, gamma1 * scale, gamma2, gamma3)
@@ -319,12 +318,12 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, steps, stats_steps, m
 
     for i in range(len(params)):
         partials(i, False)
-    maxes = _whole_tensor(spaces, "maxes", group)
+    maxes = _whole_tensor(spaces, "maxes", all_reduce)
     for i in range(len(params)):
         adaclip_kernel[(1,)](maxes[i][0], u[i], m_maxes[i], spaces[i].work, fi[i], hps[i], maxes[i][1], gamma3,
                              1 - gamma3, _log(gamma3), R=STATS_BLOCK, **has)
         partials(i, True)
-    sums = _whole_tensor(spaces, "sums", group)
+    sums = _whole_tensor(spaces, "sums", all_reduce)
     for i, p in enumerate(params):
         adagn_kernel[(1,)](sums[i][0], u[i], steps[i], m_norms[i], v_norms[i], spaces[i].work, fi[i], hps[i],
                            sums[i][1], g1, 1 - g1, _log(g1), gamma2, 1 - gamma2, _log(gamma2), eps, RESET=reset,
