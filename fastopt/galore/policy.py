@@ -123,9 +123,11 @@ def checks_on_host(t: torch.Tensor) -> bool:
 
 
 def refresh(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, position: int,
-            cache: dict) -> Refresh | None:
+            cache: dict, rows: proj.RowShards | None = None) -> Refresh | None:
     """Computes new projectors from ``grad`` into ``state``; returns the old and new ones, or None when the refresh
-    was skipped on the host because the gradient is not finite."""
+    was skipped on the host because the gradient is not finite. ``rows``: ``grad`` is this rank's rows of a sharded
+    param's gradient (a randomized refresh; ``state``'s projectors are whole), and finiteness is decided for the
+    whole gradient."""
     keep = proj.sides(p.shape, group["proj_type"])
     step = int(state["proj_step"])
     if group["refresh"] == "random":
@@ -134,6 +136,8 @@ def refresh(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, posit
         return Refresh(old, projectors(p, state, group, cache), True)
     old = projectors(p, state, group, cache)  # zeros before the first refresh
     finite = torch.isfinite(grad).all()
+    if rows is not None:  # every rank takes the same decision
+        finite = rows.sum((~finite).to(torch.float32)) == 0
     on_host = checks_on_host(grad)
     if on_host and not finite:
         return None
@@ -141,7 +145,8 @@ def refresh(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, posit
         grad = torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     if group["refresh"] == "randomized":
         generator = torch.Generator(device=grad.device).manual_seed(_seed(position, step))
-        new = proj.randomized_projectors(grad, group["rank"], keep, old if step > 0 else (None, None), generator)
+        new = proj.randomized_projectors(grad, group["rank"], keep, old if step > 0 else (None, None), generator,
+                                         rows=rows)
     else:
         new = proj.svd_projectors(grad, group["rank"], keep)
     if not on_host:

@@ -22,6 +22,8 @@ min(m, n), as galore-torch's SVD slices are. Projectors come from one of three r
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from fastopt.ops.common import compute_dtype
@@ -99,9 +101,24 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x).Q
 
 
+class RowShards(Protocol):
+    """A gradient whose rows are split over ranks (a sharded param): how the randomized refresh combines them."""
+
+    total: int  # rows of the whole gradient
+
+    def mine(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole matrix with the gradient's rows."""
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole matrix, on every rank, from each rank's rows (one all-reduce of its size)."""
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, in place (one all-reduce)."""
+
+
 def randomized_projectors(grad: torch.Tensor, rank: int, keep: tuple[bool, bool], previous: Projectors,
                           generator: torch.Generator, *, iters: int = POWER_ITERATIONS,
-                          oversample: int = OVERSAMPLE) -> Projectors:
+                          oversample: int = OVERSAMPLE, rows: RowShards | None = None) -> Projectors:
     """Approximate top-r singular vectors by subspace iteration on the side(s) kept (Halko et al. 2011, Alg. 4.4
     with Rayleigh–Ritz).
 
@@ -109,14 +126,31 @@ def randomized_projectors(grad: torch.Tensor, rank: int, keep: tuple[bool, bool]
     with Gaussian columns, and goes through ``iters`` rounds of Y = orth(G·Q), Z = Gᵀ·Y (Q = orth(Z) between rounds).
     Then G ≈ Y·Zᵀ, and the SVD of the n×k matrix Z gives G's approximate singular vectors on both sides, ordered
     and aligned as the exact SVD's are. A left-only projection runs on Gᵀ. Cost: 2·iters products of G with a k-column
-    matrix, 2·iters − 1 QRs and one SVD of n×k, against an SVD of the whole of G."""
+    matrix, 2·iters − 1 QRs and one SVD of n×k, against an SVD of the whole of G.
+
+    ``rows``: ``grad`` holds this rank's rows of the gradient only (a sharded param; ``previous`` is whole). Each
+    product with G is then this rank's part, made whole by one all-reduce of its m×k or n×k result; the rest is the
+    same computation on every rank, and the projectors returned are whole."""
     left, right = keep
     transpose = left and not right  # track the kept side as the right side of Gᵀ
     g = grad.to(compute_dtype(grad))
     g = g.T if transpose else g
     warm = previous[1] if not transpose else None if previous[0] is None else previous[0].T  # rows of the old basis
     m, n = g.shape
-    r = effective_rank(g.shape, rank)
+    if rows is not None:  # the whole gradient's shape; the sharded rows are g's columns when transposed
+        m, n = (m, rows.total) if transpose else (rows.total, n)
+
+    def times(x):  # G·x, whole
+        if rows is None:
+            return g @ x
+        return rows.sum(g @ rows.mine(x)) if transpose else rows.gather(g @ x)
+
+    def transposed_times(y):  # Gᵀ·y, whole
+        if rows is None:
+            return g.T @ y
+        return rows.gather(g.T @ y) if transpose else rows.sum(g.T @ rows.mine(y))
+
+    r = effective_rank((m, n), rank)
     k = min(r + oversample, m, n)
     columns = [] if warm is None else [warm.to(g.dtype).T]
     fresh = k - (0 if warm is None else warm.shape[0])
@@ -124,8 +158,8 @@ def randomized_projectors(grad: torch.Tensor, rank: int, keep: tuple[bool, bool]
         columns.append(torch.randn(n, fresh, generator=generator, device=g.device, dtype=g.dtype))
     q = _orthonormal(torch.cat(columns, dim=1))
     for i in range(iters):
-        y = _orthonormal(g @ q)
-        z = g.T @ y
+        y = _orthonormal(times(q))
+        z = transposed_times(y)
         if i + 1 < iters:
             q = _orthonormal(z)
     u, _, vh = torch.linalg.svd(z, full_matrices=False)  # z = U·S·Vh, so G ≈ Y·zᵀ = (Y·Vhᵀ)·S·Uᵀ

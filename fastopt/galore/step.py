@@ -96,16 +96,20 @@ class GaLoreStepper:
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
                  position: int) -> policy.Refresh | None:
-        """policy.refresh; for a sharded param on the whole gradient and projectors (an all-gather of the gradient, at
-        refreshes only: every rank then computes the projectors of one process, and keeps the left one's rows)."""
+        """policy.refresh; for a sharded param on whole projectors, and for "svd" on the whole gradient (an all-gather
+        at refreshes only: every rank then computes one process's projectors), for "randomized" on this rank's rows
+        (all-reduces of m×k and n×k blocks); it keeps the left projector's rows."""
         if not sharding.is_sharded(p):
             return policy.refresh(p, grad, state, group, position, self.cache)
         whole = dict(state)
         if "proj_left" in whole:
             whole["proj_left"] = whole["proj_left"].full_tensor()
-        if group["refresh"] != "random":  # a seeded random basis needs no gradient
+        rows = None
+        if group["refresh"] == "svd":  # the exact SVD of the whole gradient
             grad = grad.full_tensor()
-        change = policy.refresh(p, grad, whole, group, position, self.cache)
+        elif group["refresh"] == "randomized":  # products with this rank's rows, made whole by all-reduces
+            grad, rows = sharding.local(grad), _Rows(p)
+        change = policy.refresh(p, grad, whole, group, position, self.cache, rows=rows)
         if "proj_left" in whole:
             state["proj_left"] = sharding.distribute_like(whole["proj_left"], p)
         if "proj_right" in whole:
@@ -157,6 +161,38 @@ class GaLoreStepper:
                 moment.assign(proj.reproject(values, basis, squared=not signed))
             else:
                 moment.copy_(proj.reproject(moment.to(compute_dtype(moment)), basis, squared=not signed))
+
+
+class _Rows:
+    """proj.RowShards of a param sharded on dim 0 (torch.chunk's split, as DTensor's Shard(0)): this rank's rows
+    [start, stop) of ``total``, and all-reduces over the ranks holding the others."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        self.group = sharding.shard_group(p)
+        size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.total = p.shape[0]
+        chunk = -(-self.total // size)
+        self.start = min(rank * chunk, self.total)
+        self.stop = min(self.start + chunk, self.total)
+        if self.stop - self.start != sharding.local(p).shape[0]:
+            raise RuntimeError(f"a sharded param of {self.total} rows holds {sharding.local(p).shape[0]} on this rank, "
+                               f"not torch.chunk's {self.stop - self.start}: its rows are not split as Shard(0)")
+
+    def mine(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[self.start:self.stop]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        whole = local.new_zeros((self.total, *local.shape[1:]))
+        whole[self.start:self.stop] = local
+        return self.sum(whole)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)
+        return x
 
 
 def _project(grad: torch.Tensor, left, right, group, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,6 +50,9 @@ CONFIGS = {
     "galore-left-randomized-4bit": lambda ps: fastopt.AdamW(
         [{"params": [ps[0]], "rank": 4, "update_proj_gap": 3, "proj_type": "left", "refresh": "randomized",
           "moments": "reproject"}, {"params": ps[1:]}], lr=1e-2, state_bits=4, **QUANT),
+    "galore-right-randomized": lambda ps: fastopt.AdamW(
+        [{"params": [ps[0]], "rank": 4, "update_proj_gap": 3, "refresh": "randomized", "moments": "reproject"},
+         {"params": ps[1:]}], lr=1e-2),
     "galore-random-stable-spam": lambda ps: fastopt.StableSPAM(
         [{"params": [ps[0]], "rank": 128, "update_proj_gap": 3, "refresh": "random"}, {"params": ps[1:]}],
         lr=1e-2, update_proj_gap=0, state_bits=4, **QUANT),
