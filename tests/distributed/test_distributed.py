@@ -68,5 +68,9 @@ def test_hsdp_mixed_params_and_empty_shards_equal_one_process():
     launch.run(2, workers.fsdp_hsdp_mixed_and_empty_shards)
 
 
+def test_grad_scaler_under_fsdp2_equals_one_process():
+    launch.run(2, workers.fsdp_grad_scaler)
+
+
 def test_ddp_equals_one_process():
     launch.run(2, workers.ddp_train)

@@ -235,6 +235,25 @@ def fsdp_hsdp_mixed_and_empty_shards(rank: int, world: int) -> None:
             assert_like_one_process(whole(q), p.detach(), close, f"{name}: param {i} ({shapes[i]})")
 
 
+def fsdp_grad_scaler(rank: int, world: int) -> None:
+    """torch.amp.GradScaler under FSDP2 (the fused protocol of AdamW and StableSPAM, torch's for a GaLore group), with
+    an overflowing step that it skips: equal to one process, bit for bit, and the scale halved alike."""
+    for name in ("adamw-4bit", "stable-spam-4bit", "galore-adamw"):
+        models = [sharded(model()), model()]
+        optimizers = [CONFIGS[name](list(m.parameters())) for m in models]
+        scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in models]
+        for step in range(4):
+            for m, opt, scaler in zip(models, optimizers, scalers):
+                x = batch(step) * (float("inf") if step == 2 else 1)
+                scaler.scale(m(x).square().mean()).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
+        for i, (p, q) in enumerate(zip(*(m.parameters() for m in models))):
+            assert_like_one_process(whole(p), q.detach(), None, f"{name} with GradScaler: param {i}")
+
+
 def place_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
