@@ -21,7 +21,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_fsdp2_equals_one_process_and_resumes_resharded_2_to_4(checkpoints):
-    for name in workers.CONFIGS:
+    for name in workers.RESHARDED:
         assert os.path.isdir(os.path.join(checkpoints, name, "again"))
 
 

@@ -159,9 +159,13 @@ def fsdp_train_save_resume(rank: int, world: int, root: str) -> None:
             assert opt._step_count == TOTAL, f"{name}: step count {opt._step_count} after resuming"
 
 
+# Resharding is the same for every backend: the Triton interpreter config (slow) resumes on 2 ranks only.
+RESHARDED = [name for name in CONFIGS if name != "stable-spam-triton-4bit"]
+
+
 def fsdp_resharded(rank: int, world: int, root: str, load_from: str, steps: range, save_as: str | None) -> None:
     """Each config: resumed from a checkpoint saved on another world size, trained on, equal to one process."""
-    for name in CONFIGS:
+    for name in RESHARDED:
         m, opt = load(name, os.path.join(root, name, load_from))
         train(m, opt, steps)
         check(m, opt, name, steps.stop, f"saved on another world size, resumed on {world} ranks")
