@@ -76,10 +76,10 @@ class GaLoreStepper:
             # a sharded param's R: sharded as its rows for a right projection, else whole on every rank
             like = host._moment_like(p, group) if sharding.is_sharded(p) else None
             local_shape = shape if like is None else tuple(sharding.local(like).shape)
-            rows = sharding.shard_group(p)
-            low = _project(sharding.local(p.grad), left, right, rows, out=self._scratch("low", local_shape, p))
+            ranks = sharding.shard_group(p)  # the ranks holding p's other rows (None: p is whole here)
+            low = _project(sharding.local(p.grad), left, right, ranks, out=self._scratch("low", local_shape, p))
             if l2:
-                low.add_(_project(sharding.local(p), left, right, rows) * rate)
+                low.add_(_project(sharding.local(p), left, right, ranks) * rate)
             shadow = self._scratch("shadow", local_shape, p).zero_()
             if sharding.is_sharded(like):
                 shadow, low = (sharding.like(p, t, shape) for t in (shadow, low))
@@ -195,16 +195,16 @@ class _Rows:
         return x
 
 
-def _project(grad: torch.Tensor, left, right, group, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def _project(grad: torch.Tensor, left, right, ranks, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """proj.project on this rank's rows of the gradient: with a left projector and sharded rows, Lᵀ·G (·Rtᵀ) is a sum
     over the ranks' rows (one all-reduce of R: r×n, or r×r for "full"); a right projection is local (R's rows are
     G's)."""
-    if left is None or group is None:
+    if left is None or ranks is None:
         return proj.project(grad, left, right, out=out)
     import torch.distributed as dist
 
     low = proj.project(grad, left, right, out=out)  # this rank's part of the sum (r×n, or r×r for "full")
-    dist.all_reduce(low, group=group)
+    dist.all_reduce(low, group=ranks)
     return low
 
 

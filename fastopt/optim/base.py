@@ -179,12 +179,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_moment(self, name: str, p: torch.Tensor, group: dict, signed: bool) -> dict:
         storage = self._storage(p, group, signed)
         if isinstance(storage, quant.QuantFormat) and sharding.is_sharded(p):
-            (rows, code_width), (_, scale_width) = shapes = sharding.quantized_shapes(p, storage)
+            codes_shape, scales_shape = sharding.quantized_shapes(p, storage)
             local_rows = sharding.local(p).shape[0]
-            codes = torch.zeros(local_rows, code_width, dtype=torch.uint8, device=p.device)
-            scales = torch.zeros(local_rows, scale_width, dtype=torch.float32, device=p.device)
-            return {f"{name}_codes": sharding.like(p, codes, shapes[0]),
-                    f"{name}_scales": sharding.like(p, scales, shapes[1])}
+            codes = torch.zeros(local_rows, codes_shape[1], dtype=torch.uint8, device=p.device)
+            scales = torch.zeros(local_rows, scales_shape[1], dtype=torch.float32, device=p.device)
+            return {f"{name}_codes": sharding.like(p, codes, codes_shape),
+                    f"{name}_scales": sharding.like(p, scales, scales_shape)}
         if isinstance(storage, quant.QuantFormat):
             q = quant.zeros(p.numel(), storage, p.device)
             return {f"{name}_codes": q.codes, f"{name}_scales": q.scales}
