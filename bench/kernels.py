@@ -2,10 +2,9 @@
 
     python -m bench.kernels [--quick] [--isa avx512vbmi|avx512|avx2|scalar]
 
-Compiles the small driver bench/kernels.cpp (torch-free: it includes only csrc/kernels.h) and links it against the
-built extension fastopt._C, so it times exactly the kernels fastopt ships and never recompiles them; the
-quantization maps of fastopt/quant/formats.py are passed as arguments. Needs g++ on the PATH and the extension
-built (`make build`)."""
+Compiles the small driver bench/kernels.cpp (it includes only csrc/kernels.h) and links it against the built
+libfastopt_cpu.so, so it times exactly the kernels fastopt ships and never recompiles them; the quantization maps of
+fastopt/quant/formats.py are passed as arguments. Needs g++ on the PATH and the kernels built (`make build`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
+from fastopt import _ext
 from fastopt._build import CSRC
 from fastopt.quant import FORMATS
 
@@ -33,21 +31,14 @@ def main(argv=None) -> int:
     if compiler is None:
         print("bench.kernels needs g++ (or c++) on the PATH", file=sys.stderr)
         return 2
-    try:
-        from fastopt import _C
-    except ImportError as missing:
-        print(f"bench.kernels needs the built extension (make build): {missing}", file=sys.stderr)
+    if not _ext.INSTALLED.exists():
+        print(f"bench.kernels needs the built kernels (make build): {_ext.INSTALLED} is missing", file=sys.stderr)
         return 2
-    extension = Path(_C.__file__).resolve()
-    torch_lib = Path(torch.__file__).resolve().parent / "lib"  # what the extension itself links against
     maps = [",".join(repr(x) for x in FORMATS[(bits, signed)].qmap) for bits in (4, 8) for signed in (True, False)]
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "kernels"
-        # RPATH (not RUNPATH) so that the extension's own dependencies resolve too; its Python symbols stay unbound
-        # (never called here).
-        subprocess.run([compiler, "-O2", "-std=c++17", f"-I{CSRC}", str(HERE / "kernels.cpp"), str(extension),
-                        f"-Wl,--disable-new-dtags,-rpath,{torch_lib}", "-Wl,--allow-shlib-undefined", "-o",
-                        str(binary)], check=True)
+        subprocess.run([compiler, "-O2", "-std=c++17", f"-I{CSRC}", str(HERE / "kernels.cpp"), str(_ext.INSTALLED),
+                        f"-Wl,-rpath,{_ext.INSTALLED.parent}", "-o", str(binary)], check=True)
         options = (["quick"] if args.quick else []) + ([f"isa={args.isa}"] if args.isa else [])
         return subprocess.run([str(binary), *maps, *options]).returncode
 

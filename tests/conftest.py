@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's n
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastopt  # noqa: E402,F401
+import fastopt  # noqa: E402
 from fastopt import _ext  # noqa: E402
 
 # Sizes that break blocking: SIMD widths, the 1024-element Triton block, the 65536-element CPU chunk.
@@ -20,7 +20,7 @@ def cpu_isas() -> list[str]:
     """Every CPU kernel ISA this machine can run (the scalar path always)."""
     if _ext.load() is None:
         return []
-    best = torch.ops.fastopt.cpu_isa()
+    best = fastopt.cpu_isa()
     order = ["scalar", "avx2", "avx512", "avx512vbmi"]
     return order[: order.index(best) + 1]
 
@@ -28,11 +28,11 @@ def cpu_isas() -> list[str]:
 @contextlib.contextmanager
 def on_cpu_isa(isa: str):
     """Runs the block with the CPU kernels of `isa`, restoring the automatic choice afterwards."""
-    torch.ops.fastopt.set_cpu_isa(isa)
+    fastopt.set_cpu_isa(isa)
     try:
         yield isa
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
 
 
 @pytest.fixture

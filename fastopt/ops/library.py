@@ -2,8 +2,9 @@
 
 Every fused op is a ``torch.library`` op in the ``fastopt`` namespace, defined here at import (never inside a
 step), so that ``torch.compile`` and ``torch.library.opcheck`` see it: a schema that marks what the op mutates
-(``Tensor(a!)[]``), a fake kernel (shapes only, for tracing), and a CPU kernel from the C++ extension (csrc/ops.cpp,
-loaded here too). The pure-torch reference and the Triton launchers are called by fastopt/ops/*.py directly.
+(``Tensor(a!)[]``), a fake kernel (shapes only, for tracing), and a CPU kernel (fastopt/ops/cpu.py: argument checks,
+then the C++ kernels through their C ABI, loaded here too). The pure-torch reference and the Triton launchers are
+called by fastopt/ops/*.py directly.
 
 The three step ops share one shape: params, grads, both moments as float tensors (``bits`` 0) or as uint8 codes
 with fp32 scales and the two maps (``bits`` 4 or 8), the per-tensor counters and statistics, and ``hp``: the step's
@@ -116,9 +117,14 @@ def _(step_count, host, n):
     return step_count.new_empty(n, dtype=torch.float64)
 
 
-# The C++ extension: its CPU kernels attach to the ops defined above. Loaded here, at import, so that step() never
-# loads, builds or registers anything; without it CPU tensors take the reference path (after one warning).
+# The C++ kernels: their CPU implementations attach to the ops defined above. Loaded here, at import, so that step()
+# never loads, builds or registers anything; without them CPU tensors take the reference path (after one warning).
 CPU_KERNELS = _ext.load() is not None
+if CPU_KERNELS:
+    from fastopt.ops import cpu
+
+    for _name, _kernel in cpu.KERNELS.items():
+        _library.impl(_name, _kernel, "CPU")
 
 
 def pack_hyperparameters(op: str, **named: float | torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ exactly, the AVX-512 register kernels bit-identical to AVX2, GradScaler, mixed s
 import pytest
 import torch
 
+import fastopt
 from fastopt.ops import adam_step
 from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, Quantized, encode
 from tests.conftest import cpu_isas, on_cpu_isa
@@ -29,7 +30,7 @@ def test_half_params_round_the_fp32_result_to_nearest_even(isa, bits, dtype):
     """A 16-bit param is the fp32 kernel's result on the widened param, rounded to nearest even (torch's .to()):
     exactly, which the reference comparison's tolerance could not tell from truncation."""
     n = 70_001
-    torch.ops.fastopt.set_cpu_isa(isa)
+    fastopt.set_cpu_isa(isa)
     try:
         p, g = torch.randn(n).to(dtype), (torch.randn(n) * 1e-2).to(dtype)
         m, v = quantized_state(n, bits)
@@ -41,7 +42,7 @@ def test_half_params_round_the_fp32_result_to_nearest_even(isa, bits, dtype):
         assert torch.equal(half[0][0], wide[0][0].to(dtype))
         assert torch.equal(half[2][0].codes, wide[2][0].codes) and torch.equal(half[3][0].codes, wide[3][0].codes)
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
 
 @pytest.mark.parametrize("isa", [isa for isa in cpu_isas() if isa.startswith("avx512")])
 @pytest.mark.parametrize("bits", [4, 8])
@@ -138,11 +139,11 @@ def test_any_pair_of_4bit_maps_matches_reference(isa, m_fmt, v_fmt):
     want = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
     got = [p.clone()], [g], [clone(m)], [clone(v)], [], [torch.tensor(4.0)]
     adam_step(*want, backend="reference", **hp)
-    torch.ops.fastopt.set_cpu_isa(isa)
+    fastopt.set_cpu_isa(isa)
     try:
         adam_step(*got, backend="cpu", **hp)
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
     torch.testing.assert_close(got[0][0], want[0][0], rtol=4 * ULP[torch.float32], atol=4 * ULP[torch.float32])
     for a, b in ((got[2][0], want[2][0]), (got[3][0], want[3][0])):
         torch.testing.assert_close(a.scales, b.scales, rtol=1e-6, atol=0)

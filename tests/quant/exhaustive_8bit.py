@@ -11,6 +11,7 @@ import time
 
 import torch
 
+import fastopt
 from fastopt import _ext
 from fastopt.quant import FORMATS
 from tests.conftest import cpu_isas
@@ -36,7 +37,7 @@ def main() -> int:
     ops = torch.ops.fastopt
     isas = [isa for isa in cpu_isas() if isa != "scalar"]
     if not isas:
-        print(f"this CPU has no AVX2 (best: {ops.cpu_isa()}): only the threshold search runs here", file=sys.stderr)
+        print(f"this CPU has no AVX2 (best: {fastopt.cpu_isa()}): only the threshold search runs here", file=sys.stderr)
         return 2
     chunk = 255 << 16
     failures = 0
@@ -49,9 +50,9 @@ def main() -> int:
                 for negative in (False, True):
                     for first in range(0, ONE + 1, chunk):
                         x = blocks(first, min(first + chunk, ONE + 1) - 1, negative)
-                        ops.set_cpu_isa(isa)
+                        fastopt.set_cpu_isa(isa)
                         codes, scales = ops.quantize_blockwise(x, table, 8)
-                        ops.set_cpu_isa("scalar")
+                        fastopt.set_cpu_isa("scalar")
                         want_codes, want_scales = ops.quantize_blockwise(x, table, 8)
                         assert torch.equal(scales, want_scales)
                         mismatches += int((codes != want_codes).sum())
@@ -59,7 +60,7 @@ def main() -> int:
                       f"({time.time() - start:.0f} s)", flush=True)
                 failures += mismatches
     finally:
-        ops.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
     return 1 if failures else 0
 
 

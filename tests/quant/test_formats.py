@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+import fastopt
 from fastopt.ops.quant import dequantize, quantize
 from fastopt.quant import FORMATS, SIGNED_4BIT, UNSIGNED_4BIT, decode, encode, zeros
 from fastopt.quant.formats import QuantFormat, nearest_codes
@@ -57,7 +58,7 @@ def test_codes_equal_torchao_quantizer(fmt):
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FMT_IDS)
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 255, 257, 4097, 100_003])
 def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n):
-    torch.ops.fastopt.set_cpu_isa(isa or "auto")
+    fastopt.set_cpu_isa(isa or "auto")
     try:
         x = blocks_with_spread(fmt, blocks=-(-n // fmt.block), seed=n)[:n]
         want_codes, want_scales = encode(x, fmt)
@@ -65,7 +66,7 @@ def test_backends_encode_and_decode_like_the_reference(backend, isa, fmt, n):
         assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
         assert torch.equal(dequantize(codes, scales, fmt, n, backend=backend), decode(codes, scales, fmt, n))
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
 
 
 def order(y):
@@ -112,14 +113,14 @@ def test_backends_agree_at_every_code_boundary(backend, isa, fmt):
     if fmt.qmap[0] >= 0:
         y = torch.cat([y.abs(), y])  # an unsigned format still encodes negative inputs like the reference
     x = torch.cat([y, y * 3.7e-3, y * 6.1e4, y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(0))]])
-    torch.ops.fastopt.set_cpu_isa(isa or "auto")
+    fastopt.set_cpu_isa(isa or "auto")
     try:
         want_codes, want_scales = encode(x, fmt)
         codes, scales = quantize(x, fmt, backend=backend)
         assert torch.equal(scales, want_scales)
         assert torch.equal(unpack(codes, fmt), unpack(want_codes, fmt))
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
 
 
 @pytest.mark.parametrize("isa", cpu_isas())
@@ -137,11 +138,11 @@ def test_cpu_isas_agree_on_blocks_with_inf_and_nan(isa, fmt):
     x = torch.cat(rows)
     want_codes, want_scales = [], []
     for chosen in ("scalar", isa):
-        torch.ops.fastopt.set_cpu_isa(chosen)
+        fastopt.set_cpu_isa(chosen)
         try:
             codes, scales = quantize(x, fmt, backend="cpu")
         finally:
-            torch.ops.fastopt.set_cpu_isa("auto")
+            fastopt.set_cpu_isa("auto")
         want_codes.append(codes), want_scales.append(scales)
     assert torch.equal(want_codes[0], want_codes[1])
     torch.testing.assert_close(want_scales[0], want_scales[1], equal_nan=True, rtol=0, atol=0)
@@ -156,11 +157,11 @@ def test_8bit_map_with_irregular_thresholds_matches_the_reference(backend, isa):
     irregular = torch.cat([torch.rand(255, generator=g) * 2 - 1, torch.ones(1)]).sort().values
     fmt = QuantFormat("8bit-irregular", 8, 256, tuple(irregular.tolist()))
     x = torch.cat([torch.randn(50_000, generator=g), code_boundaries(fmt)])
-    torch.ops.fastopt.set_cpu_isa(isa)
+    fastopt.set_cpu_isa(isa)
     try:
         codes, scales = quantize(x, fmt, backend=backend)
     finally:
-        torch.ops.fastopt.set_cpu_isa("auto")
+        fastopt.set_cpu_isa("auto")
     want_codes, want_scales = encode(x, fmt)
     assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes)
 
