@@ -9,6 +9,13 @@ norm's moments: what sharding changes) within 1e-5 relative. Its configs here ne
 (update_proj_gap=0): at a reset (t = 1) the update is about lr·sign(g) wherever |g| is near eps, which turns
 last-bit differences into visible ones; resets are element-wise and tested per op. Each check compares with a
 one-process run of the same optimizer (``reference``), computed on the rank itself.
+
+GaLore's projections are matmuls over a shard's rows, whose summation order a BLAS may choose by the number of rows
+(MKL does on Intel CPUs with AVX-512; on AMD ones these configs were bit-equal): the low-rank gradients then differ in
+their last bits, and Stable-SPAM with 4-bit low-rank moments turns that into code flips that the back-projection
+spreads over whole rows. That config is held to its update instead (UPDATE_CLOSE): ‖got − want‖ within 1% of
+‖want − start‖ for every param, and its statistics within 1% — a missing or doubled reduction would be off by the
+whole update.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ CONFIGS = {
 }
 # see the module docstring; a left GaLore projection Lᵀ·G is a sum over the ranks' rows, too
 CLOSE = {name: 1e-6 for name in CONFIGS if name.startswith(("stable-spam", "galore"))}
+UPDATE_CLOSE = {"galore-random-stable-spam": 1e-2}  # see the module docstring
 STATISTICS = ("m_max", "m_norm", "v_norm")  # Stable-SPAM's per-tensor statistics
 
 
@@ -103,12 +111,17 @@ def reference(name: str, steps: int, cache: dict = {}) -> tuple[list[torch.Tenso
 
 def check(m: torch.nn.Module, opt, name: str, steps: int, where: str) -> None:
     params, states = reference(name, steps)
-    for i, (p, want, state) in enumerate(zip(m.parameters(), params, states)):
-        assert_like_one_process(whole(p), want, CLOSE.get(name), f"{name}, {where}: param {i}")
+    for i, (p, want, state, start) in enumerate(zip(m.parameters(), params, states, model().parameters())):
+        if name in UPDATE_CLOSE:
+            off = ((whole(p) - want).norm() / (want - start.detach()).norm()).item()
+            assert off <= UPDATE_CLOSE[name], f"{name}, {where}: param {i} differs from one process by {off:.2%} of " \
+                                              "its update"
+        else:
+            assert_like_one_process(whole(p), want, CLOSE.get(name), f"{name}, {where}: param {i}")
         for key in STATISTICS:
             if key in state:
                 got, expected = opt.state[p][key].item(), state[key].item()
-                assert abs(got - expected) <= 1e-5 * abs(expected), f"{name}, {where}: {key} of param {i} is {got}, " \
+                assert abs(got - expected) <= UPDATE_CLOSE.get(name, 1e-5) * abs(expected), f"{name}, {where}: {key} of param {i} is {got}, " \
                                                                     f"one process has {expected}"
 
 
@@ -241,7 +254,8 @@ def fsdp_hsdp_mixed_and_empty_shards(rank: int, world: int) -> None:
 
 def fsdp_grad_scaler(rank: int, world: int) -> None:
     """torch.amp.GradScaler under FSDP2 (the fused protocol of AdamW and StableSPAM, torch's for a GaLore group), with
-    an overflowing step that it skips: equal to one process, bit for bit, and the scale halved alike."""
+    an overflowing step that it skips: equal to one process (bit for bit but for GaLore's projections, see the module
+    docstring), and the scale halved alike."""
     for name in ("adamw-4bit", "stable-spam-4bit", "galore-adamw"):
         models = [sharded(model()), model()]
         optimizers = [CONFIGS[name](list(m.parameters())) for m in models]
@@ -255,7 +269,7 @@ def fsdp_grad_scaler(rank: int, world: int) -> None:
                 opt.zero_grad()
         assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
         for i, (p, q) in enumerate(zip(*(m.parameters() for m in models))):
-            assert_like_one_process(whole(p), q.detach(), None, f"{name} with GradScaler: param {i}")
+            assert_like_one_process(whole(p), q.detach(), CLOSE.get(name), f"{name} with GradScaler: param {i}")
 
 
 def place_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
