@@ -14,16 +14,20 @@ separable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+import fastopt
 from bench.contenders import BASELINE, CONTENDERS, PRESETS, llama_shapes
 
 
@@ -72,15 +76,40 @@ def timed(fn) -> float:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    isa = torch.ops.fastopt.cpu_isa() if hasattr(torch.ops.fastopt, "cpu_isa") else "n/a"
+    isa = fastopt.cpu_isa() if fastopt.ops.library.CPU_KERNELS else "n/a"
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "fastopt_isa": isa,
             "python": platform.python_version()}
 
 
-def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
-    import fastopt._ext
+@contextlib.contextmanager
+def held_back(enabled: bool = True):
+    """Holds back what is printed inside the block (file descriptors 1 and 2, and Python warnings): the peers print
+    while they are imported, built and warmed up (torchao's "Failed to load ..." lines, deprecation warnings, torch's
+    logs). Yields a list that gets the held-back lines when the block ends."""
+    lines: list[str] = []
+    if not enabled:
+        yield lines
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink, open(sink.fileno(), "w", closefd=False) as text, \
+            contextlib.redirect_stdout(text), contextlib.redirect_stderr(text), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(sink.fileno(), 1)  # what C code and subprocesses write
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            text.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            lines += sink.read().decode(errors="replace").splitlines()
 
-    fastopt._ext.load()
+
+def run(preset: str, rounds: int, warmup: int, only: list[str] | None, verbose: bool = False) -> dict:
     shapes = llama_shapes(**PRESETS[preset])
     n = sum(torch.Size(s).numel() for s in shapes)
     contenders = [c for c in CONTENDERS if c.available() and (not only or any(o in c.name for o in only))]
@@ -88,17 +117,21 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
     grads = [torch.randn(s) * 1e-3 for s in shapes]
     # Contenders are built one after another and warmed up at once, so that the resident memory each one adds
     # (its copy of the parameters, its state, anything it keeps between steps) can be read off.
-    for c in contenders:  # one-time process costs (thread pools, JIT builds, imports) must not count as anyone's RSS
-        tiny = [torch.nn.Parameter(torch.zeros(4096))]
-        tiny[0].grad = torch.zeros(4096)
-        c.make(tiny).step()
-    opts, rss_added = {}, {}
-    for c in contenders:
-        before = rss_bytes()
-        opts[c.name] = c.make(make_params(shapes, grads))
-        for _ in range(warmup):
-            opts[c.name].step()
-        rss_added[c.name] = rss_bytes() - before
+    with held_back(not verbose) as peer_output:
+        for c in contenders:  # one-time process costs (thread pools, JIT builds, imports) must not count as RSS
+            tiny = [torch.nn.Parameter(torch.zeros(4096))]
+            tiny[0].grad = torch.zeros(4096)
+            c.make(tiny).step()
+        opts, rss_added = {}, {}
+        for c in contenders:
+            before = rss_bytes()
+            opts[c.name] = c.make(make_params(shapes, grads))
+            for _ in range(warmup):
+                opts[c.name].step()
+            rss_added[c.name] = rss_bytes() - before
+    if peer_output:
+        print(f"(the contenders printed {len(peer_output)} lines while loading and warming up: the peers' import "
+              "notices and warnings; --verbose shows them)", file=sys.stderr)
     stream_a, stream_b = torch.randn(n), torch.randn(n)
     tasks = {name: opt.step for name, opt in opts.items()}
     tasks["stream"] = lambda: stream_a.add_(stream_b)
@@ -177,13 +210,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="substrings of contender names to run (the baseline included)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what the contenders print while loading (held back by default)")
     add_study_options(parser, "<preset>.json and <preset>.md", "PRESET")
     args = parse_study_args(parser, argv)
     if args.world_size:
         return distributed_main(args)
     args.preset = args.preset or "llama-110m"
     only = args.only + [BASELINE] if args.only else None
-    result = run(args.preset, args.rounds, args.warmup, only)
+    result = run(args.preset, args.rounds, args.warmup, only, args.verbose)
     text = table(result) + f"\n\nCommand: `{result['command']}`"
     print(text)
     out = publish(Path(args.out), args.preset, result, text, args.readme)
