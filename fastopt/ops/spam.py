@@ -150,11 +150,11 @@ def stable_spam_step(
 # ---- sharded params: the per-tensor statistics of the whole tensor, from its shards ----------------------------------
 def _shard_group(params: list) -> "torch.distributed.ProcessGroup | None":
     """The process group over which the params are sharded (None for plain tensors); one per op call."""
-    groups = {id(g): g for g in map(shard_group, params)}
-    if len(groups) > 1:
+    group = shard_group(params[0])
+    if any(shard_group(p) is not group for p in params[1:]):
         raise ValueError("stable_spam_step: the params are sharded over different process groups (or some are not "
                          "sharded); call the op once per group")
-    return next(iter(groups.values()))
+    return group
 
 
 def _cpu_grad_stats(grad_scale):
