@@ -70,23 +70,32 @@ def by_storage(moments: list) -> list[tuple[list[int], int]]:
     return [([i for i, b in enumerate(bits) if b == want], want) for want in sorted(set(bits))]
 
 
-def cpu_step(name: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]], hp: torch.Tensor,
-             *, full: list[list[torch.Tensor]] = (), per_tensor: dict[str, torch.Tensor | None] | None = None,
-             **options) -> None:
-    """Runs the C++ step op ``torch.ops.fastopt.<name>`` once per storage format among the tensors: float moments
+def step_kernel(name: str, backend: str, device: torch.device):
+    """What runs fused op ``name`` for ``backend`` on ``device``: the torch.library op (C++ kernels on CPU tensors,
+    Triton on GPU tensors), or in Triton's interpreter (CPU tensors) its Triton launcher directly."""
+    if backend == "triton" and device.type == "cpu":
+        return library.triton_kernel(name)
+    return getattr(torch.ops.fastopt, name)
+
+
+def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]],
+               hp: torch.Tensor, *, full: list[list[torch.Tensor]] = (),
+               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, **options) -> None:
+    """Runs the fused step op ``name`` (``step_kernel``) once per storage format among the tensors: float moments
     (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
     the params' size: amsgrad's max_exp_avg_sqs) and then ``counters`` (0-d per-tensor lists). Params, grads, float
     moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
     are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
-    are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out."""
-    op = getattr(torch.ops.fastopt, name)
+    are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
+    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective)."""
+    op = kernel or step_kernel(name, backend, params[0].device)
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
         pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
         options.update({k: v[idx].contiguous() for k, v in rows.items()})
         if bits:
-            maps = [ms[0].fmt.table(), vs[0].fmt.table()]
+            maps = [ms[0].fmt.table(ms[0].codes.device), vs[0].fmt.table(vs[0].codes.device)]
             quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
             run_contiguous(lambda ps, *rest: op(ps, rest[-1], *quantized, *rest[:-1], *cs, *maps, bits, hp, **options),
                            [pick(params), *[pick(f) for f in full]], [pick(grads)])

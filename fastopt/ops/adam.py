@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from fastopt.ops._backends import by_storage, cpu_step, resolve, run_contiguous
+from fastopt.ops._backends import fused_step, resolve
 from fastopt.ops.common import ADAM_NUMBERS, compute_dtype, host_numbers, load_moment, skipped, store_moment
 from fastopt.ops.library import pack_hyperparameters
 from fastopt.ops.sharding import local_lists
@@ -46,8 +46,8 @@ def adam_step(
     A moment may instead be :class:`~fastopt.quant.Quantized` (4/8-bit codes + scales; both moments of a
     tensor then share the bit width, amsgrad excluded): the update uses the fp32 values it computes and
     only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
-    ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: Triton reads them on the device, the C++ op
-    takes them as data (its ``hp`` tensor), the reference reads their values. DTensor params (FSDP2) and their
+    ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: both fused backends take them as data (the op's
+    ``hp`` tensor; Triton reads it on the device), the reference reads their values. DTensor params (FSDP2) and their
     states are stepped on their local shards (fastopt/ops/sharding.py)."""
     if not params:
         return
@@ -58,33 +58,13 @@ def adam_step(
     backend = resolve(backend, params[0].device)
     flags = dict(decoupled=decoupled, maximize=maximize, independent_decay=independent_decay)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
-    if backend == "cpu":
-        hp = pack_hyperparameters("adam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        cpu_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, [steps], hp, full=[max_exp_avg_sqs], **flags,
-                 **amp)
-    elif backend == "reference":
+    if backend == "reference":
         hp = host_numbers(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay), *ADAM_NUMBERS)
         _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp, **flags, **amp)
-    elif backend == "triton":
-        _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay, **flags, **amp)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-
-
-def _triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp) -> None:
-    """The Triton launchers: one for float moments, one for quantized ones, called per storage format."""
-    from fastopt.kernels.triton.adam import adam_step as float_moments
-    from fastopt.kernels.triton.adam_quantized import adam_step_quantized
-
-    for idx, bits in by_storage(exp_avgs):
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        ps, gs, ms, vs, ts = pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps)
-        if bits:
-            run_contiguous(lambda p, g: adam_step_quantized(p, g, ms, vs, ts, **hp), [ps], [gs])
-        else:
-            vmax = pick(max_exp_avg_sqs) if max_exp_avg_sqs else []
-            run_contiguous(lambda p, m, v, vm, g: float_moments(p, g, m, v, vm, ts, **hp), [ps, ms, vs, vmax], [gs])
+        return
+    hp = pack_hyperparameters("adam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    fused_step("adam_step", backend, params, grads, exp_avgs, exp_avg_sqs, [steps], hp, full=[max_exp_avg_sqs],
+               **flags, **amp)
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

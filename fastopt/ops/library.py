@@ -23,6 +23,7 @@ a compiled ``step()`` calls back into Python for it at every step instead of bak
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import weakref
 from typing import Callable
@@ -126,15 +127,31 @@ if CPU_KERNELS:
     for _name, _kernel in cpu.KERNELS.items():
         _library.impl(_name, _kernel, "CPU")
 
+# The Triton launchers are the ops' GPU kernels.
+TRITON_OPS = ("adam_step", "stable_spam_step", "spam_step", "quantize_blockwise", "dequantize_blockwise")
+if importlib.util.find_spec("triton") is not None:
+    for _name in TRITON_OPS:
+        _library.impl(_name, lambda *args, _name=_name, **kwargs: triton_kernel(_name)(*args, **kwargs), "CUDA")
+
 
 def pack_hyperparameters(op: str, **named: float | torch.Tensor) -> torch.Tensor:
-    """``hp`` of step op ``op``: the named values in its HP_LAYOUTS order, as one float64 CPU tensor (0-d tensors are
-    stacked in, not read)."""
+    """``hp`` of step op ``op``: the named values in its HP_LAYOUTS order, as one float64 tensor, stacked where the
+    0-d tensors among them live (not read: a tensor lr on the GPU stays there, for the Triton kernels to read), else
+    on the CPU. The C++ kernels take it on the CPU; the Triton kernels read it on their device."""
     layout = HP_LAYOUTS[op]
     if set(named) != set(layout):
         raise TypeError(f"pack_hyperparameters: {op} takes {layout}, got {tuple(named)}")
     values = [named[name] for name in layout]
-    if not any(isinstance(v, torch.Tensor) for v in values):
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
         return torch.tensor(values, dtype=torch.float64)
-    return torch.stack([v.detach().to("cpu", torch.float64).reshape(()) if isinstance(v, torch.Tensor)
-                        else torch.tensor(float(v), dtype=torch.float64) for v in values])
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([v.detach().to(device, torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                        else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
+
+
+def triton_kernel(name: str):
+    """The Triton launcher of op ``name`` (imported when first asked for: importing triton takes a while)."""
+    from fastopt.kernels.triton import KERNELS
+
+    return KERNELS[name]

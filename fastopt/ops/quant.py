@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from fastopt.ops._backends import resolve
+from fastopt.ops._backends import resolve, step_kernel
 from fastopt.quant import formats
 from fastopt.quant.formats import QuantFormat
 
 
 def quantize(x: torch.Tensor, fmt: QuantFormat, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     backend = resolve(backend, x.device)
-    if backend == "cpu":
-        return torch.ops.fastopt.quantize_blockwise(x.float(), fmt.table(), fmt.bits)
-    if backend == "triton":
-        from fastopt.kernels.triton.quant import quantize as triton_quantize
-
-        return triton_quantize(x.float(), fmt)
-    return formats.encode(x, fmt)
+    if backend == "reference":
+        return formats.encode(x, fmt)
+    op = step_kernel("quantize_blockwise", backend, x.device)
+    return op(x.float(), fmt.table(x.device), fmt.bits)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, n: int, *,
                backend: str | None = None) -> torch.Tensor:
     backend = resolve(backend, codes.device)
-    if backend == "cpu":
-        return torch.ops.fastopt.dequantize_blockwise(codes, scales, fmt.table(), fmt.bits, n)
-    if backend == "triton":
-        from fastopt.kernels.triton.quant import dequantize as triton_dequantize
-
-        return triton_dequantize(codes, scales, fmt, n)
-    return formats.decode(codes, scales, fmt, n)
+    if backend == "reference":
+        return formats.decode(codes, scales, fmt, n)
+    return step_kernel("dequantize_blockwise", backend, codes.device)(codes, scales, fmt.table(codes.device),
+                                                                      fmt.bits, n)

@@ -37,7 +37,8 @@ import math
 
 import torch
 
-from fastopt.ops._backends import cpu_step, resolve, run_contiguous
+from fastopt.ops import library
+from fastopt.ops._backends import fused_step, resolve
 from fastopt.ops.common import (ADAM_NUMBERS, as_number, check_compat, compute_dtype, host_numbers, load_moment,
                                 skipped, store_moment, zero_moment)
 from fastopt.ops.library import pack_hyperparameters
@@ -109,9 +110,8 @@ def stable_spam_step(
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
     and gamma1); ``reset`` says whether this step resets the moments; ``compat="official"`` reproduces the
     official code's quirks (docs/algorithms.md#stable-spam-quirks (a), (b)). Hyperparameters may be 0-d tensors
-    (``scale`` and ``reset`` too: a compiled step passes them as data): the C++ op takes them in its ``hp`` tensor,
-    Triton reads the betas, eps, weight decay, gammas and lr on the device, the reference reads them on the host;
-    ``scale`` and ``reset`` choose kernels on the host for Triton and the reference. DTensor params (FSDP2) are
+    (``scale`` and ``reset`` too: a compiled step passes them as data): both fused backends take them in the op's
+    ``hp`` tensor (Triton reads it on the device), the reference reads them on the host. DTensor params (FSDP2) are
     stepped on their local shards with the whole tensors' max|g| and norm, reduced across the ranks that hold the
     other shards: the call is then a collective, which every one of those ranks makes with the same tensors."""
     check_compat("stable_spam_step", compat)
@@ -122,29 +122,25 @@ def stable_spam_step(
     backend = resolve(backend, params[0].device)
     stats = [steps, stats_steps, m_norms, v_norms, m_maxes]
     official, amp = compat == "official", dict(grad_scale=grad_scale, found_inf=found_inf)
-    if backend == "cpu":
-        hp = pack_hyperparameters("stable_spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                  weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, scale=scale,
-                                  reset=reset)
-        given = None
-        if group is not None:
-            given = reduced_grad_stats([g.contiguous() for g in grads], steps if official else stats_steps, m_maxes,
-                                       as_number(gamma3), lambda x, op: _all_reduce(x, op, group),
-                                       _cpu_grad_stats(grad_scale))
-        cpu_step("stable_spam_step", params, grads, exp_avgs, exp_avg_sqs, stats, hp, per_tensor={"grad_stats": given},
-                 official=official, **amp)
-        return
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
-              gamma3=gamma3, scale=as_number(scale), reset=bool(reset), official=official, **amp)
     if backend == "reference":
+        hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+                  gamma3=gamma3, scale=as_number(scale), reset=bool(reset), official=official, **amp)
         _stable_spam_reference(params, grads, exp_avgs, exp_avg_sqs, *stats, group=group,
                                **host_numbers(hp, *ADAM_NUMBERS, "gamma1", "gamma2", "gamma3"))
-    else:
-        from fastopt.kernels.triton.spam import stable_spam_step as triton_stable_spam_step
-
-        reduce = None if group is None else lambda x, op: _all_reduce(x, op, group)
-        run_contiguous(lambda ps, gs: triton_stable_spam_step(ps, gs, exp_avgs, exp_avg_sqs, *stats, all_reduce=reduce,
-                                                              **hp), [params], [grads])
+        return
+    hp = pack_hyperparameters("stable_spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                              gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, scale=scale, reset=reset)
+    options = dict(official=official, **amp)
+    if group is not None and backend == "cpu":  # the whole tensors' statistics, reduced across the shards, go in
+        options["per_tensor"] = {"grad_stats": reduced_grad_stats(
+            [g.contiguous() for g in grads], steps if official else stats_steps, m_maxes, as_number(gamma3),
+            lambda x, op: _all_reduce(x, op, group), _cpu_grad_stats(grad_scale))}
+    if group is not None and backend == "triton":  # the launcher reduces across the shards between its kernels
+        options["all_reduce"] = lambda x, op: _all_reduce(x, op, group)
+        fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp,
+                   kernel=library.triton_kernel("stable_spam_step"), **options)
+        return
+    fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp, **options)
 
 
 # ---- sharded params: the per-tensor statistics of the whole tensor, from its shards ----------------------------------
@@ -222,19 +218,14 @@ def spam_step(
     params, grads, exp_avgs, exp_avg_sqs = local_lists(params, grads, exp_avgs, exp_avg_sqs)
     backend = resolve(backend, params[0].device)
     amp = dict(grad_scale=grad_scale, found_inf=found_inf)
-    if backend == "cpu":
-        hp = pack_hyperparameters("spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                  threshold=threshold, scale=scale, reset=reset, clip=clip)
-        cpu_step("spam_step", params, grads, exp_avgs, exp_avg_sqs, [steps], hp, **amp)
-        return
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=as_number(threshold),
-              scale=as_number(scale), reset=bool(reset), clip=bool(clip), **amp)
     if backend == "reference":
+        hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, threshold=as_number(threshold),
+                  scale=as_number(scale), reset=bool(reset), clip=bool(clip), **amp)
         _spam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **host_numbers(hp, *ADAM_NUMBERS))
-    else:
-        from fastopt.kernels.triton.spam import spam_step as triton_spam_step
-
-        run_contiguous(lambda ps, gs: triton_spam_step(ps, gs, exp_avgs, exp_avg_sqs, steps, **hp), [params], [grads])
+        return
+    hp = pack_hyperparameters("spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                              threshold=threshold, scale=scale, reset=reset, clip=clip)
+    fused_step("spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, [steps], hp, **amp)
 
 
 # ---- reference implementation --------------------------------------------------------------------------------

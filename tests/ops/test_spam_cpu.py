@@ -116,7 +116,7 @@ def test_given_statistics_reproduce_the_ops_own_bit_for_bit(storage, compat):
     """What a sharded Stable-SPAM step does (fastopt/ops/spam.py: grad_stats, AdaClip's limits and the clipped sums
     by reduced_grad_stats, then the op taking them as grad_stats), run on one rank: the same clipping, norms and
     update as the op's own reductions, bit for bit, over steps with a spike in one chunk."""
-    from fastopt.ops._backends import cpu_step
+    from fastopt.ops._backends import fused_step
     from fastopt.ops.library import pack_hyperparameters
     from fastopt.ops.spam import _cpu_grad_stats, reduced_grad_stats
 
@@ -136,7 +136,7 @@ def test_given_statistics_reproduce_the_ops_own_bit_for_bit(storage, compat):
             if given:
                 stats = reduced_grad_stats(grads, counters[0] if compat else counters[1], counters[4],
                                            STABLE["gamma3"], lambda values, op: None, _cpu_grad_stats(None))
-            cpu_step("stable_spam_step", params, grads, list(ms), list(vs), counters, hp,
+            fused_step("stable_spam_step", "cpu", params, grads, list(ms), list(vs), counters, hp,
                      per_tensor={"grad_stats": stats}, official=compat == "official")
         flat = lambda xs: [t for x in xs for t in ((x.codes, x.scales) if hasattr(x, "codes") else (x,))]  # noqa
         runs.append(params + flat(ms) + flat(vs) + [c for cs in counters for c in cs])

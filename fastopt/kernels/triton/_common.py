@@ -1,16 +1,171 @@
-"""Device helpers shared by fastopt's Triton kernels."""
+"""What fastopt's Triton kernels share: rounding stores, hyperparameters read in the kernel, and multi-tensor launches.
+
+**Multi-tensor launches.** One launch steps every tensor of a group (same dtypes, same moment storage), whatever their
+number. Its programs are the tensors' blocks laid end to end: a block map (int32, one entry per program, cached per
+list of sizes) names each program's tensor, and a table (int64, one row per tensor: its data pointers and counters'
+pointers, then its element count and its first program) gives that tensor's pointers, which the kernel casts to the
+element types of its typed ``*_like`` arguments. Both live on the device and are cached by their contents: a step
+whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with. Uploads
+go through pinned memory, asynchronously: nothing waits for the device.
+
+**Hyperparameters** reach every kernel in ``hp``, a float64 tensor on the params' device in the op's layout
+(fastopt/ops/library.py HP_LAYOUTS), which the kernels read there: nothing recompiles when a value changes and nothing
+reads the device. Tensor hyperparameters (a 0-d lr for CUDA graphs) are stacked into it on the device by the caller;
+numbers come as a CPU tensor, uploaded once per distinct set of values (``device_hp``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
 import triton
 import triton.language as tl
 
+BLOCK = 1024      # elements per program of an update (quantized storage: whole quantization blocks, the same count)
+NUM_WARPS = 4
+_CACHE_SIZE = 64  # tables and block maps kept per process
+
 
 @triton.jit
-def store_rounded(ptr, x, mask):
+def load(ptr, mask, FULL: tl.constexpr):
+    """tl.load, masked unless the program's block lies wholly inside its tensor (FULL): an unmasked load of an
+    aligned pointer is what the compiler turns into 128-bit accesses."""
+    if FULL:
+        return tl.load(ptr)
+    return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def store(ptr, x, mask, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr, x)
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, FULL: tl.constexpr):
     """Stores fp32 ``x`` in ``ptr``'s dtype, rounding to nearest even. bf16 is rounded explicitly (NaN stays
     NaN): Triton's interpreter truncates fp32→bf16, so this keeps interpreter and GPU results identical."""
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
-        tl.store(ptr, rounded.to(tl.bfloat16, bitcast=True), mask=mask)
+        store(ptr, rounded.to(tl.bfloat16, bitcast=True), mask, FULL)
     else:
-        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+        store(ptr, x.to(ptr.dtype.element_ty), mask, FULL)
+
+
+@triton.jit
+def program_tensor(table_ptr, block_map_ptr, COLUMNS: tl.constexpr, N: tl.constexpr, FIRST: tl.constexpr):
+    """(this program's tensor, its table row, its element count, this program's block within it), with the table's
+    element count in column N and the tensor's first program of this launch in column FIRST."""
+    pid = tl.program_id(0)
+    t = tl.load(block_map_ptr + pid)
+    row = table_ptr + t.to(tl.int64) * COLUMNS
+    return t, row, tl.load(row + N), pid - tl.load(row + FIRST)
+
+
+@triton.jit
+def column(row, index: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Column ``index`` of a table row as a pointer of ``like``'s type; ALIGNED: the launch checked that it is a
+    multiple of 16 bytes, and the compiler is told so (tables hide what a kernel argument would show)."""
+    ptr = tl.load(row + index).to(like.dtype)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def f32_column(row, index: tl.constexpr):
+    """Column ``index`` of a table row as a float32 pointer (counters, statistics, quantization scales)."""
+    return tl.load(row + index).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def advance_kernel(table_ptr, count, found_inf_ptr, COLUMNS: tl.constexpr, FIRST: tl.constexpr, SECOND: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr, R: tl.constexpr):
+    """One program: every tensor's counters in columns FIRST (and SECOND, unless it is -1) += 1 − found_inf, as
+    torch's fused optimizers count a step that GradScaler skips."""
+    one = 1.0
+    if HAS_FOUND_INF:
+        one = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
+    start = 0
+    while start < count:
+        t = start + tl.arange(0, R)
+        live = t < count
+        rows = table_ptr + t.to(tl.int64) * COLUMNS
+        first = tl.load(rows + FIRST, mask=live, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(first, tl.load(first, mask=live) + one, mask=live)
+        if SECOND >= 0:
+            second = tl.load(rows + SECOND, mask=live, other=0).to(tl.pointer_type(tl.float32))
+            tl.store(second, tl.load(second, mask=live) + one, mask=live)
+        start += R
+
+
+# ---- host side ------------------------------------------------------------------------------------------------------
+_tables: OrderedDict = OrderedDict()
+
+
+def _cached(key, build) -> torch.Tensor:
+    entry = _tables.get(key)
+    if entry is None:
+        host = build()
+        device = key[0]
+        if device.type == "cpu":
+            entry = (host, host)
+        else:  # pinned, so that the copy is asynchronous; kept with the result, which a copy in flight still reads
+            host = host.pin_memory()
+            entry = (host.to(device, non_blocking=True), host)
+        _tables[key] = entry
+        if len(_tables) > _CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return entry[0]
+
+
+def _pointer(x) -> int:
+    return x.data_ptr() if isinstance(x, torch.Tensor) else int(x)
+
+
+class Launch:
+    """The table and block maps of multi-tensor launches over one group of tensors. ``rows`` holds, per tensor, its
+    columns (tensors by data pointer, or ints); the table adds its element count (column ``n``) and, per entry of
+    ``blocks`` (elements per program), its first program (column ``first[k]``); ``maps[k]`` and ``programs[k]`` are
+    that granularity's block map and program count."""
+
+    def __init__(self, rows: list[list], sizes: list[int], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
+                 streams: int = 0):
+        counts = [[triton.cdiv(n, block) for n in sizes] for block in blocks]
+        firsts = [[sum(c[:i]) for i in range(len(c))] for c in counts]
+        self.n = len(rows[0]) if rows else 0
+        self.first = [self.n + 1 + k for k in range(len(blocks))]
+        self.columns = self.n + 1 + len(blocks)
+        self.count = len(rows)
+        self.programs = [sum(c) for c in counts]
+        pointers = [list(map(_pointer, row)) for row in rows]
+        # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
+        # allocations are; a view may not be) lets the kernels use 128-bit accesses
+        self.aligned = all(v % 16 == 0 for row in pointers for v in row[:streams])
+        values = [v for t, row in enumerate(pointers) for v in (*row, sizes[t], *(f[t] for f in firsts))]
+        self.table = _cached((device, "table", self.columns, tuple(values)),
+                             lambda: torch.tensor(values, dtype=torch.int64))
+        self.maps = [_cached((device, "map", tuple(c)), lambda c=c: torch.repeat_interleave(
+            torch.arange(len(c), dtype=torch.int32), torch.tensor(c, dtype=torch.int64))) for c in counts]
+
+
+def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:
+    """Counters of columns ``first`` (and ``second``) of every tensor of ``launch`` += 1 − found_inf: one launch."""
+    if launch.count:
+        advance_kernel[(1,)](launch.table, launch.count, launch.table if found_inf is None else found_inf,
+                             COLUMNS=launch.columns, FIRST=first, SECOND=second, HAS_FOUND_INF=found_inf is not None,
+                             R=128, num_warps=NUM_WARPS)
+
+
+def device_hp(hp: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``hp`` (float64) on ``device``: as it is if it is there, else uploaded (cached by its values)."""
+    if hp.device == device:
+        return hp
+    values = tuple(hp.tolist())  # a CPU tensor: reading it waits for nothing
+    return _cached((device, "hp", values), lambda: torch.tensor(values, dtype=torch.float64))

@@ -1,60 +1,61 @@
-"""Triton Adam/AdamW step: the kernel and its launcher (math: fastopt/ops/adam.py, docs/algorithms.md#adamw-and-adam).
+"""Triton Adam/AdamW step: the kernel of ``torch.ops.fastopt.adam_step`` on GPUs (math: fastopt/ops/adam.py,
+docs/algorithms.md#adamw-and-adam).
 
-Hyperparameters are runtime arguments (Triton does not specialize on float values), so schedules never
-recompile; constexprs only select code. Tensor hyperparameters stay on the device: lr by pointer, and β1, β2, eps
-and weight decay, when any of them is a tensor, from one 4-element device tensor (``device_hyperparameters``).
-Bias corrections are computed in the kernel from the on-device step count, in float64, so nothing is read back to
-the host. With GradScaler's ``found_inf`` set, steps are incremented by 1 − found_inf and the kernel masks out every
-store: no host synchronization.
+One launch advances every tensor's step count, then one launch per group of tensors with the same dtypes steps all
+of them (fastopt/kernels/triton/_common.py: a table of pointers and a block map); moments are float tensors (BITS 0)
+or block-quantized codes + scales (BITS 4 or 8): a program then decodes its tile of whole quantization blocks in
+registers, updates them and the parameter in fp32, and re-encodes them (codecs: quant.py). Bias corrections are
+computed in the kernel from the on-device step count, in float64. With GradScaler's ``found_inf`` set, the counts
+advance by 1 − found_inf and every store is masked off: no host synchronization.
 
-Bytes moved per parameter (the floor on any GPU): read p, g, m, v and write p, m, v —
-fp32 params and states: 28; bf16 params and states: 14; bf16 params, fp32 states: 20; +2·state bytes with amsgrad.
+Bytes moved per parameter (the floor on any GPU): read p, g, m, v and write p, m, v — fp32 params and states 28;
+bf16 params and states 14; bf16 params, fp32 states 20; +2·state bytes with amsgrad; fp32 params with 4-bit states
+14.125 (codes read+written 2·2·0.5, scales 2·2·4/128), 8-bit 16.06; bf16 params 6 fewer.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import store_rounded
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column, load,
+                                            program_tensor, store_rounded)
+from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
 
-BLOCK = 1024
-NUM_WARPS = 4
+# The table's columns (then the element count and the first program): pointers to the param, its grad, both moments
+# (float, or codes), both moments' scales (quantized), amsgrad's running max, the step count.
+P, G, M, V = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+M_SCALES, V_SCALES, VMAX, STEP = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+COLUMNS, N, FIRST = tl.constexpr(10), tl.constexpr(8), tl.constexpr(9)  # Launch's layout
 
 
 @triton.jit
-def step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1, log_beta2, LR_IS_TENSOR: tl.constexpr,
-                 HAS_FOUND_INF: tl.constexpr):
-    """(n, lr, bias_correction1, bias_correction2) for this step, read on the device: nothing reaches the host.
-    GradScaler's found_inf turns n into 0 so the step touches nothing."""
+def one_minus_power(beta, t):
+    """1 − β^t in float64 (β >= 0; β = 0 gives 1 without taking log 0)."""
+    positive = beta > 0
+    return tl.where(positive, 1.0 - tl.exp(t * tl.log(tl.where(positive, beta, 1.0))), 1.0)
+
+
+@triton.jit
+def step_scalars(n, step_ptr, found_inf_ptr, beta1, beta2, HAS_FOUND_INF: tl.constexpr):
+    """(n, bias_correction1, bias_correction2) for this step, read on the device: nothing reaches the host.
+    GradScaler's found_inf turns n into 0 so the step touches nothing. The betas are float64."""
     if HAS_FOUND_INF:
         n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr).to(tl.float32)
     t = tl.load(step_ptr).to(tl.float64)
-    bias_correction1 = (1.0 - tl.exp(t * log_beta1)).to(tl.float32)
-    bias_correction2 = (1.0 - tl.exp(t * log_beta2)).to(tl.float32)
-    return n, lr, bias_correction1, bias_correction2
+    return n, one_minus_power(beta1, t).to(tl.float32), one_minus_power(beta2, t).to(tl.float32)
 
 
 @triton.jit
-def adam_hyperparameters(beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR: tl.constexpr):
-    """β1, β2, eps, weight decay and the betas' logs: the launch's numbers, or (HP_IS_TENSOR) read on the device from
-    hp_ptr = [β1, β2, eps, weight decay]."""
-    if HP_IS_TENSOR:
-        beta1, beta2 = tl.load(hp_ptr), tl.load(hp_ptr + 1)
-        eps, weight_decay = tl.load(hp_ptr + 2), tl.load(hp_ptr + 3)
-        log_beta1, log_beta2 = tl.log(beta1.to(tl.float64)), tl.log(beta2.to(tl.float64))
-    return beta1, beta2, eps, weight_decay, log_beta1, log_beta2
-
-
-@triton.jit
-def adam_moments(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, weight_decay, grad_sign, grad_scale_ptr,
-                 DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    """Weight decay and the new moments (fp32): returns (param, exp_avg, exp_avg_sq)."""
-    grad = grad * grad_sign
+def adam_moments(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, weight_decay, grad_scale_ptr,
+                 MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr):
+    """Weight decay and the new moments (fp32): returns (param, exp_avg, exp_avg_sq). The betas are float64 scalars:
+    1 − β is taken before rounding to fp32 (1 − β2 in fp32 from a rounded β2 = 0.99 would be off by 1e-6)."""
+    one_minus_beta1, one_minus_beta2 = (1.0 - beta1).to(tl.float32), (1.0 - beta2).to(tl.float32)
+    beta1, beta2 = beta1.to(tl.float32), beta2.to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
     if DECOUPLED:
@@ -64,8 +65,8 @@ def adam_moments(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, weight_deca
             param = param * (1.0 - lr * weight_decay)
     else:
         grad = grad + weight_decay * param
-    exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
-    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * grad
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * grad * grad
     return param, exp_avg, exp_avg_sq
 
 
@@ -76,74 +77,100 @@ def adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction
 
 
 @triton.jit
-def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, hp_ptr,
-                n, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, grad_sign,
-                DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr,
-                LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                HP_IS_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
-    beta1, beta2, eps, weight_decay, log_beta1, log_beta2 = adam_hyperparameters(
-        beta1, beta2, eps, weight_decay, log_beta1, log_beta2, hp_ptr, HP_IS_TENSOR)
-    n, lr, bias_correction1, bias_correction2 = step_scalars(n, lr, lr_ptr, step_ptr, found_inf_ptr, log_beta1,
-                                                             log_beta2, LR_IS_TENSOR, HAS_FOUND_INF)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    param, exp_avg, exp_avg_sq = adam_moments(
-        tl.load(p_ptr + offs, mask=mask).to(tl.float32), tl.load(g_ptr + offs, mask=mask).to(tl.float32),
-        tl.load(m_ptr + offs, mask=mask).to(tl.float32), tl.load(v_ptr + offs, mask=mask).to(tl.float32),
-        lr, beta1, beta2, weight_decay, grad_sign, grad_scale_ptr, DECOUPLED, INDEPENDENT_DECAY, HAS_GRAD_SCALE)
-    store_rounded(m_ptr + offs, exp_avg, mask)
-    store_rounded(v_ptr + offs, exp_avg_sq, mask)
-    if AMSGRAD:
-        exp_avg_sq = tl.maximum(exp_avg_sq, tl.load(vmax_ptr + offs, mask=mask).to(tl.float32))
-        store_rounded(vmax_ptr + offs, exp_avg_sq, mask)
-    param = adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction2, eps)
-    store_rounded(p_ptr + offs, param, mask)
+def adam_program(row, n, program, p_like, m_like, m_map_ptr, v_map_ptr, hp_ptr, grad_scale_ptr, bias_correction1,
+                 bias_correction2, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr,
+                 AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                 NB: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr):
+    """One program's elements of the tensor in table row ``row``; FULL: all of them lie inside it (no masks)."""
+    lr, beta1, beta2 = tl.load(hp_ptr).to(tl.float32), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2)
+    eps, weight_decay = tl.load(hp_ptr + 3).to(tl.float32), tl.load(hp_ptr + 4).to(tl.float32)
+    p_ptr, g_ptr = column(row, P, p_like, ALIGNED), column(row, G, p_like, ALIGNED)
+    if BITS == 0:
+        offs = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        m_ptr, v_ptr = column(row, M, m_like, ALIGNED), column(row, V, m_like, ALIGNED)
+        param, exp_avg, exp_avg_sq = adam_moments(
+            load(p_ptr + offs, mask, FULL).to(tl.float32), load(g_ptr + offs, mask, FULL).to(tl.float32),
+            load(m_ptr + offs, mask, FULL).to(tl.float32), load(v_ptr + offs, mask, FULL).to(tl.float32),
+            lr, beta1, beta2, weight_decay, grad_scale_ptr, MAXIMIZE, DECOUPLED, INDEPENDENT_DECAY, HAS_GRAD_SCALE)
+        store_rounded(m_ptr + offs, exp_avg, mask, FULL)
+        store_rounded(v_ptr + offs, exp_avg_sq, mask, FULL)
+        if AMSGRAD:
+            vmax_ptr = column(row, VMAX, m_like, ALIGNED)
+            exp_avg_sq = tl.maximum(exp_avg_sq, load(vmax_ptr + offs, mask, FULL).to(tl.float32))
+            store_rounded(vmax_ptr + offs, exp_avg_sq, mask, FULL)
+        param = adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction2, eps)
+        store_rounded(p_ptr + offs, param, mask, FULL)
+    else:
+        rows, row_mask, offs, mask = block_tile(n, program, BITS, QBLOCK, NB)
+        mc_ptr, vc_ptr = column(row, M, m_like, ALIGNED), column(row, V, m_like, ALIGNED)
+        ms_ptr, vs_ptr = f32_column(row, M_SCALES), f32_column(row, V_SCALES)
+        param, exp_avg, exp_avg_sq = adam_moments(
+            load(p_ptr + offs, mask, FULL).to(tl.float32), load(g_ptr + offs, mask, FULL).to(tl.float32),
+            decode(mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK, FULL),
+            decode(vc_ptr, vs_ptr, v_map_ptr, rows, row_mask, BITS, QBLOCK, FULL),
+            lr, beta1, beta2, weight_decay, grad_scale_ptr, MAXIMIZE, DECOUPLED, INDEPENDENT_DECAY, HAS_GRAD_SCALE)
+        param = adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction2, eps)
+        store_rounded(p_ptr + offs, param, mask, FULL)
+        if not FULL:  # the tail block's padding encodes as 0
+            exp_avg, exp_avg_sq = tl.where(mask, exp_avg, 0.0), tl.where(mask, exp_avg_sq, 0.0)
+        encode_store(exp_avg, mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+        encode_store(exp_avg_sq, vc_ptr, vs_ptr, v_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
 
 
-def _log(beta: float) -> float:
-    return math.log(beta) if beta > 0 else -math.inf
+@triton.jit
+def adam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, hp_ptr, grad_scale_ptr, found_inf_ptr,
+                MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, INDEPENDENT_DECAY: tl.constexpr,
+                AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BITS: tl.constexpr,
+                QBLOCK: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """hp = [lr, beta1, beta2, eps, weight_decay]. BITS 0: float moments (m_like's dtype), BLOCK elements a program;
+    BITS 4 / 8: codes (m_like: uint8) and scales, NB quantization blocks of QBLOCK (BLOCK elements) a program.
+    ALIGNED: the launch checked that the streamed tensors are 16-byte aligned."""
+    t, row, n, program = program_tensor(table_ptr, block_map_ptr, COLUMNS, N, FIRST)
+    n, bias_correction1, bias_correction2 = step_scalars(n, f32_column(row, STEP), found_inf_ptr, tl.load(hp_ptr + 1),
+                                                         tl.load(hp_ptr + 2), HAS_FOUND_INF)
+    if (program + 1) * BLOCK <= n:
+        adam_program(row, n, program, p_like, m_like, m_map_ptr, v_map_ptr, hp_ptr, grad_scale_ptr, bias_correction1,
+                     bias_correction2, MAXIMIZE, DECOUPLED, INDEPENDENT_DECAY, AMSGRAD, HAS_GRAD_SCALE, BITS, QBLOCK,
+                     NB, BLOCK, ALIGNED, True)
+    else:
+        adam_program(row, n, program, p_like, m_like, m_map_ptr, v_map_ptr, hp_ptr, grad_scale_ptr, bias_correction1,
+                     bias_correction2, MAXIMIZE, DECOUPLED, INDEPENDENT_DECAY, AMSGRAD, HAS_GRAD_SCALE, BITS, QBLOCK,
+                     NB, BLOCK, ALIGNED, False)
 
 
-def advance_steps(steps, found_inf):
-    """steps += 1 − found_inf, on the device (torch's fused optimizers do the same); returns found_inf as fp32."""
-    torch._foreach_add_(steps, 1)
-    if found_inf is not None:
-        found_inf = found_inf.to(device=steps[0].device, dtype=torch.float32)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
-    return found_inf
+def by_dtypes(params, exp_avgs) -> dict[tuple, list[int]]:
+    """Tensor indices grouped by (param dtype, moment dtype): one launch each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        groups.setdefault((p.dtype, m.dtype), []).append(i)
+    return groups
 
 
-def device_hyperparameters(device, beta1, beta2, eps, weight_decay, *extra):
-    """(hp, numbers). hp = [β1, β2, eps, weight decay, *extra] (adam_hyperparameters' layout, then a kernel's own)
-    as a float32 device tensor when any of them is a tensor (built on the device: no host read, no blocking copy),
-    else None; with hp the kernels derive 1 − β and log β from those float32 values. numbers: what the launch passes
-    by value, (β1, β2, eps, weight decay, log β1, log β2, *extra), all 0.0 with hp."""
-    values = (beta1, beta2, eps, weight_decay, *extra)
-    if not any(isinstance(x, torch.Tensor) for x in values):
-        beta1, beta2, eps, weight_decay, *extra = (float(x) for x in values)
-        return None, (beta1, beta2, eps, weight_decay, _log(beta1), _log(beta2), *extra)
-    hp = torch.stack([x.to(device=device, dtype=torch.float32, non_blocking=True) if isinstance(x, torch.Tensor)
-                      else torch.full((), x, dtype=torch.float32, device=device) for x in values])
-    return hp, (0.0,) * (len(values) + 2)
-
-
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-              weight_decay, decoupled, maximize, independent_decay=False, grad_scale=None, found_inf=None) -> None:
-    """Launches one kernel per tensor (all on one device, contiguous). See fastopt.ops.adam.adam_step."""
-    found_inf = advance_steps(steps, found_inf)
-    hp, (beta1, beta2, eps, weight_decay, log_beta1, log_beta2) = device_hyperparameters(
-        steps[0].device, beta1, beta2, eps, weight_decay)
-    lr_is_tensor = isinstance(lr, torch.Tensor)
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, steps,
+              exp_avg_map, exp_avg_sq_map, bits, hp, *, decoupled, maximize, independent_decay, grad_scale=None,
+              found_inf=None) -> None:
+    """torch.ops.fastopt.adam_step on Triton (same arguments; contiguous tensors on one device): per group of tensors
+    with the same dtypes, one launch for the step counts and one for the update."""
+    if not params:
+        return
+    device = params[0].device
+    hp = device_hp(hp, device)
     amsgrad = len(max_exp_avg_sqs) > 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        any_ptr = steps[i]  # stands in for the pointers a mode does not read
-        adam_kernel[(triton.cdiv(n, BLOCK),)](
-            p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else any_ptr, steps[i],
-            lr if lr_is_tensor else any_ptr, any_ptr if grad_scale is None else grad_scale,
-            any_ptr if found_inf is None else found_inf, any_ptr if hp is None else hp,
-            n, 0.0 if lr_is_tensor else float(lr), beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
-            -1.0 if maximize else 1.0,
-            DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad, LR_IS_TENSOR=lr_is_tensor,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HP_IS_TENSOR=hp is not None,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+    any_ptr = hp  # stands in for the pointers a mode does not read
+    for idx in by_dtypes(params, exp_avgs).values():
+        rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], exp_avg_scales[i] if bits else 0,
+                 exp_avg_sq_scales[i] if bits else 0, max_exp_avg_sqs[i] if amsgrad else 0, steps[i]] for i in idx]
+        launch = Launch(rows, [params[i].numel() for i in idx], device, streams=VMAX.value + 1)
+        advance(launch, STEP, found_inf=found_inf)
+        if not launch.programs[0]:
+            continue
+        first = idx[0]
+        adam_kernel[(launch.programs[0],)](
+            launch.table, launch.maps[0], params[first], exp_avgs[first],
+            exp_avg_map if bits else any_ptr, exp_avg_sq_map if bits else any_ptr, hp,
+            any_ptr if grad_scale is None else grad_scale, any_ptr if found_inf is None else found_inf,
+            MAXIMIZE=maximize, DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, BITS=bits,
+            QBLOCK=256 if bits == 8 else 128, NB=blocks_per_program(bits) if bits else 1, BLOCK=BLOCK,
+            ALIGNED=launch.aligned, num_warps=NUM_WARPS)

@@ -23,7 +23,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastopt.kernels.triton import adam, adam_quantized, quant, spam  # noqa: E402
+from fastopt.kernels.triton import _common, adam, quant, spam  # noqa: E402
+from fastopt.kernels.triton._common import BLOCK  # noqa: E402
 
 
 @dataclass
@@ -39,25 +40,35 @@ class Variant:
     spills: int = 0
 
 
+POINTERS = {"table_ptr": "*i64", "block_map_ptr": "*i32"}  # every multi-tensor kernel starts with these
+FLAGS = ("all off", "all on")
+
+
 def adam_variants():
-    """(name, fn, signature, constexprs) for every dtype pair and two flag settings (all off / all on)."""
-    dtype_pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")]
-    flag_names = ["DECOUPLED", "INDEPENDENT_DECAY", "AMSGRAD", "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF",
-                  "HP_IS_TENSOR"]
-    for (param, state), on in itertools.product(dtype_pairs, [False, True]):
-        signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
-                     "vmax_ptr": f"*{state}", "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-                     "found_inf_ptr": "*fp32", "hp_ptr": "*fp32", "n": "i64"}
-        signature.update({k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps",
-                                              "weight_decay", "grad_sign"]})
-        constexprs = {name: on for name in flag_names}
-        constexprs["BLOCK"] = adam.BLOCK
-        signature.update({k: "constexpr" for k in constexprs})
-        yield "adam", adam.adam_kernel, f"{param}/{state}", "all on" if on else "all off", signature, constexprs
+    """The Adam kernel for every dtype pair (float moments) and for 4- and 8-bit moments with fp32 and bf16 params,
+    with its flags all off and all on; 16-byte aligned tensors (what torch allocates), and once unaligned."""
+    flag_names = ["MAXIMIZE", "DECOUPLED", "INDEPENDENT_DECAY", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
+    storages = [(param, state, 0) for param, state in [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+                                                        ("fp16", "fp16"), ("fp16", "fp32")]]
+    storages += [(param, "u8", bits) for bits in (4, 8) for param in ("fp32", "bf16")]
+    for (param, state, bits), on in itertools.product(storages, (False, True)):
+        yield adam_variant(param, state, bits, on, flag_names, aligned=True)
+    yield adam_variant("fp32", "fp32", 0, True, flag_names, aligned=False)
+
+
+def adam_variant(param, state, bits, on, flag_names, aligned):
+    signature = {**POINTERS, "p_like": f"*{param}", "m_like": f"*{state}", "m_map_ptr": "*fp32",
+                 "v_map_ptr": "*fp32", "hp_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+    constexprs = {name: on for name in flag_names}
+    constexprs.update(AMSGRAD=on and not bits, BITS=bits, QBLOCK=256 if bits == 8 else 128,
+                      NB=quant.blocks_per_program(bits) if bits else 1, BLOCK=BLOCK, ALIGNED=aligned)
+    signature.update({k: "constexpr" for k in constexprs})
+    dtypes = f"{param}/{f'{bits}-bit' if bits else state}"
+    return "adam", adam.adam_kernel, dtypes, FLAGS[on] + ("" if aligned else ", unaligned"), signature, constexprs
 
 
 def quant_variants():
-    """The codec kernels and the quantized Adam step, at 4 and 8 bits, for fp32 and bf16 params."""
+    """The standalone codec kernels, at 4 and 8 bits."""
     for bits in (4, 8):
         block, nb = (128 if bits == 4 else 256), quant.blocks_per_program(bits)
         tile = {"BITS": bits, "QBLOCK": block, "NB": nb}
@@ -67,81 +78,58 @@ def quant_variants():
         yield ("dequantize", quant.dequantize_kernel, f"{bits}-bit", "-",
                {"codes_ptr": "*u8", "scales_ptr": "*fp32", "map_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64",
                 **{k: "constexpr" for k in tile}}, tile)
-        for param, on in itertools.product(("fp32", "bf16"), (False, True)):
-            signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32",
-                         "vc_ptr": "*u8", "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32",
-                         "step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                         "hp_ptr": "*fp32", "n": "i64"}
-            signature.update({k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps",
-                                                  "weight_decay", "grad_sign"]})
-            constexprs = {k: on for k in ["DECOUPLED", "INDEPENDENT_DECAY", "LR_IS_TENSOR", "HAS_GRAD_SCALE",
-                                          "HAS_FOUND_INF", "HP_IS_TENSOR"]}
-            constexprs.update(tile)
-            signature.update({k: "constexpr" for k in constexprs})
-            yield ("adam_quantized", adam_quantized.adam_quantized_kernel, f"{param}/{bits}-bit",
-                   "all on" if on else "all off", signature, constexprs)
-
-
-# The update kernel's modes: Stable-SPAM (no reset, corrected reset, official reset) and SPAM (clipping, reset).
-SPAM_MODES = {
-    "stable": dict(STABLE=True, CLIP=False, ZERO_OLD=False, STORE_ZEROS=False),
-    "stable corr. reset": dict(STABLE=True, CLIP=False, ZERO_OLD=True, STORE_ZEROS=False),
-    "stable off. reset": dict(STABLE=True, CLIP=False, ZERO_OLD=False, STORE_ZEROS=True),
-    "spam clip": dict(STABLE=False, CLIP=True, ZERO_OLD=False, STORE_ZEROS=False),
-    "spam reset": dict(STABLE=False, CLIP=False, ZERO_OLD=True, STORE_ZEROS=False),
-}
 
 
 def spam_variants():
-    """Stable-SPAM's reductions, and the update of both algorithms: every mode with fp32 params and moments and
-    4-bit moments, the common modes with the other dtype pairs and 8-bit moments, all with every flag on
-    (LR_IS_TENSOR, grad_scale, found_inf, HP_IS_TENSOR); and the stats kernels and the common fp32 modes with every
-    flag off."""
+    """Stable-SPAM's reductions and statistics (per block, per tensor, and the sharded REDUCED forms), the counters,
+    and the update of both algorithms (Stable-SPAM corrected and official, SPAM) for float moments of every dtype pair
+    and 4- and 8-bit moments, with grad_scale and found_inf on and off."""
     for dtype, clipped in itertools.product(("fp32", "bf16", "fp16"), (False, True)):
-        constexprs = {"HAS_GRAD_SCALE": True, "CLIPPED": clipped, "BLOCK": spam.PARTIAL_BLOCK}
-        signature = {"g_ptr": f"*{dtype}", "grad_scale_ptr": "*fp32", "maxes_ptr": "*fp32", "sums_ptr": "*fp32",
-                     "work_ptr": "*fp32", "n": "i64", **{k: "constexpr" for k in constexprs}}
+        constexprs = {"HAS_GRAD_SCALE": True, "CLIPPED": clipped, "BLOCK": spam.PARTIAL_BLOCK, "ALIGNED": True}
+        signature = {**POINTERS, "g_like": f"*{dtype}", "grad_scale_ptr": "*fp32", "maxes_ptr": "*fp32",
+                     "sums_ptr": "*fp32", "work_ptr": "*fp32", **{k: "constexpr" for k in constexprs}}
+        signature["partial_map_ptr"] = signature.pop("block_map_ptr")
+        signature = {k: signature[k] for k in ["table_ptr", "partial_map_ptr", "g_like", "grad_scale_ptr", "maxes_ptr",
+                                               "sums_ptr", "work_ptr", *constexprs]}
         yield "spam_partials", spam.partials_kernel, dtype, "clipped" if clipped else "-", signature, constexprs
-    stats = [("adaclip_stats", spam.adaclip_kernel, ["maxes_ptr", "u_ptr", "m_max_ptr"],
-              ["theta", "one_minus_theta", "log_theta"], {}),
-             ("adagn_stats", spam.adagn_kernel, ["sums_ptr", "u_ptr", "step_ptr", "m_norm_ptr", "v_norm_ptr"],
-              ["gamma1", "one_minus_gamma1", "log_gamma1", "gamma2", "one_minus_gamma2", "log_gamma2", "eps"],
-              {"RESET": True})]
-    for (name, fn, pointers, floats, flags), on in itertools.product(stats, (True, False)):
-        constexprs = {**flags, "HAS_FOUND_INF": on, "HP_IS_TENSOR": on, "R": spam.STATS_BLOCK}
-        signature = {**{k: "*fp32" for k in pointers + ["work_ptr", "found_inf_ptr", "hp_ptr"]},  # argument order
-                     "num_blocks": "i64", **{k: "fp32" for k in floats}, **{k: "constexpr" for k in constexprs}}
-        yield name, fn, "fp32", ("reset, " if flags else "") + ("all on" if on else "all off"), signature, constexprs
+    for on, reduced, official in [(False, False, False), (True, False, True), (True, True, False)]:
+        flags = {"HAS_FOUND_INF": on, "OFFICIAL": official, "REDUCED": reduced, "R": spam.STATS_BLOCK}
+        label = f"{FLAGS[on]}{', reduced' if reduced else ''}{', official' if official else ''}"
+        yield ("adaclip_stats", spam.adaclip_kernel, "fp32", label,
+               {"table_ptr": "*i64", "maxes_ptr": "*fp32", "work_ptr": "*fp32", "found_inf_ptr": "*fp32",
+                "hp_ptr": "*fp64", **{k: "constexpr" for k in flags}}, flags)
+        yield ("adagn_stats", spam.adagn_kernel, "fp32", label,
+               {"table_ptr": "*i64", "sums_ptr": "*fp32", "reduced_ptr": "*fp64", "work_ptr": "*fp32",
+                "found_inf_ptr": "*fp32", "hp_ptr": "*fp64", **{k: "constexpr" for k in flags}}, flags)
+    for op, out in (("max", "*fp32"), ("sum", "*fp64")):
+        flags = {"MAX": op == "max", "R": spam.STATS_BLOCK}
+        yield ("tensor_stats", spam.tensor_stats_kernel, out[1:], op,
+               {"table_ptr": "*i64", "values_ptr": "*fp32", "out_ptr": out, **{k: "constexpr" for k in flags}}, flags)
+    for on in (False, True):
+        flags = {"COLUMNS": spam.COLUMNS.value, "FIRST": spam.STEP.value, "SECOND": spam.STATS_STEP.value,
+                 "HAS_FOUND_INF": on, "R": 128}
+        yield ("advance", _common.advance_kernel, "fp32", FLAGS[on],
+               {"table_ptr": "*i64", "count": "i64", "found_inf_ptr": "*fp32", **{k: "constexpr" for k in flags}},
+               flags)
 
-    common_modes = ["stable", "stable off. reset", "spam clip"]
-    scalars = {"step_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-               "work_ptr": "*fp32", "hp_ptr": "*fp32", "n": "i64",
-               **{k: "fp32" for k in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay",
-                                      "threshold", "scale"]}}
-    flag_names = ["LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HP_IS_TENSOR"]
-
-    def flags(mode, on):
-        return {**SPAM_MODES[mode], **{k: on for k in flag_names}}, mode + ("" if on else ", all off")
-
-    plain = [("fp32", "fp32", mode, True) for mode in SPAM_MODES] + [
-        (param, state, mode, True) for (param, state) in [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")]
-        for mode in common_modes] + [("fp32", "fp32", mode, False) for mode in common_modes]
-    for param, state, mode, on in plain:
-        constexprs, label = flags(mode, on)
-        constexprs["BLOCK"] = adam.BLOCK
-        signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "m_ptr": f"*{state}", "v_ptr": f"*{state}",
-                     **scalars, **{k: "constexpr" for k in constexprs}}
-        yield "spam_update", spam.spam_kernel, f"{param}/{state}", label, signature, constexprs
-    quantized = [("fp32", 4, mode, True) for mode in SPAM_MODES] + [
-        (param, bits, mode, True) for (param, bits) in [("bf16", 4), ("fp32", 8), ("bf16", 8)]
-        for mode in common_modes] + [("fp32", 4, mode, False) for mode in common_modes]
-    for param, bits, mode, on in quantized:
-        constexprs, label = flags(mode, on)
-        constexprs.update(BITS=bits, QBLOCK=128 if bits == 4 else 256, NB=quant.blocks_per_program(bits))
-        signature = {"p_ptr": f"*{param}", "g_ptr": f"*{param}", "mc_ptr": "*u8", "ms_ptr": "*fp32", "vc_ptr": "*u8",
-                     "vs_ptr": "*fp32", "m_map_ptr": "*fp32", "v_map_ptr": "*fp32", **scalars,
-                     **{k: "constexpr" for k in constexprs}}
-        yield "spam_update_quantized", spam.spam_quantized_kernel, f"{param}/{bits}-bit", label, signature, constexprs
+    modes = {"stable": dict(STABLE=True, OFFICIAL=False), "stable official": dict(STABLE=True, OFFICIAL=True),
+             "spam": dict(STABLE=False, OFFICIAL=False)}
+    storages = [(param, state, 0) for param, state in [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+                                                        ("fp16", "fp16")]]
+    storages += [(param, "u8", bits) for bits in (4, 8) for param in ("fp32", "bf16")]
+    # every mode and flag setting on fp32 params with fp32 and 4-bit moments; the two usual ones elsewhere
+    common = [("stable", True), ("spam", False)]
+    for (param, state, bits), mode, on in [(storage, mode, on) for storage in storages for mode, on in
+                                           (itertools.product(modes, (False, True))
+                                            if storage in (("fp32", "fp32", 0), ("fp32", "u8", 4)) else common)]:
+        constexprs = {**modes[mode], "HAS_GRAD_SCALE": on, "HAS_FOUND_INF": on, "BITS": bits,
+                      "QBLOCK": 256 if bits == 8 else 128, "NB": quant.blocks_per_program(bits) if bits else 1,
+                      "BLOCK": BLOCK, "ALIGNED": True}
+        signature = {**POINTERS, "p_like": f"*{param}", "m_like": f"*{state}", "m_map_ptr": "*fp32",
+                     "v_map_ptr": "*fp32", "work_ptr": "*fp32", "hp_ptr": "*fp64", "grad_scale_ptr": "*fp32",
+                     "found_inf_ptr": "*fp32", **{k: "constexpr" for k in constexprs}}
+        dtypes = f"{param}/{f'{bits}-bit' if bits else state}"
+        yield "spam_update", spam.spam_kernel, dtypes, f"{mode}, {FLAGS[on]}", signature, constexprs
 
 
 def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Variant:

@@ -8,46 +8,50 @@ import torch
 import triton
 import triton.language as tl
 
-NUM_WARPS = 4
+from fastopt.kernels.triton._common import BLOCK, NUM_WARPS, load, store
 
 
 def blocks_per_program(bits: int) -> int:
-    return 8 if bits == 4 else 4  # 1024 elements per program either way
+    """Quantization blocks per program: BLOCK elements, as a float-moment program steps."""
+    return BLOCK // (128 if bits == 4 else 256)
 
 
 @triton.jit
-def block_tile(n, BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
-    """This program's NB whole quantization blocks: (rows = block indices, row_mask, offs = element offsets [NB,
-    QBLOCK], mask = offs < n). Every kernel over quantized tensors works on this tile, so codes and scales of a block
-    are read and written by one program."""
-    rows = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+def block_tile(n, program, BITS: tl.constexpr, QBLOCK: tl.constexpr, NB: tl.constexpr):
+    """The NB whole quantization blocks of a tensor's ``program``-th program: (rows = block indices, row_mask,
+    offs = element offsets [NB, QBLOCK], mask = offs < n). Every kernel over quantized tensors works on this tile, so
+    codes and scales of a block are read and written by one program."""
+    rows = program.to(tl.int64) * NB + tl.arange(0, NB)
     offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     return rows, rows < tl.cdiv(n, QBLOCK), offs, offs < n
 
 
 @triton.jit
-def load_codes(codes_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
-    """The [NB, QBLOCK] int32 codes of blocks ``rows``; 4-bit codes are unpacked (even element = low nibble)."""
+def load_codes(codes_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr, FULL: tl.constexpr):
+    """The [NB, QBLOCK] int32 codes of blocks ``rows``; 4-bit codes are unpacked (even element = low nibble).
+    FULL: every row is the tensor's (no mask)."""
     if BITS == 4:
         offs = rows[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]
-        packed = tl.load(codes_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)
+        packed = load(codes_ptr + offs, row_mask[:, None], FULL).to(tl.int32)
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), (rows.shape[0], QBLOCK))
     else:
         offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        codes = tl.load(codes_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)
+        codes = load(codes_ptr + offs, row_mask[:, None], FULL).to(tl.int32)
     return codes
 
 
 @triton.jit
-def decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
-    """fp32 values of blocks ``rows`` as an [NB, QBLOCK] tile: map[code] · scale."""
-    codes = load_codes(codes_ptr, rows, row_mask, BITS, QBLOCK)
-    scales = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)
+def decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+           FULL: tl.constexpr):
+    """fp32 values of blocks ``rows`` as an [NB, QBLOCK] tile: map[code] · scale (0 in rows off the mask)."""
+    codes = load_codes(codes_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+    scales = load(scales_ptr + rows, row_mask, FULL)
     return tl.load(map_ptr + codes) * scales[:, None]
 
 
 @triton.jit
-def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                 FULL: tl.constexpr):
     """Quantizes an [NB, QBLOCK] fp32 tile (padding already zero) and stores its codes and scales.
     Nearest map entry as torchao finds it: binary search, then up when the residual is >= half the gap."""
     scale = tl.max(tl.abs(x), axis=1)
@@ -64,44 +68,49 @@ def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.con
         pairs = tl.reshape(code, (x.shape[0], QBLOCK // 2, 2))
         even, odd = tl.split(pairs)
         offs = rows[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]
-        tl.store(codes_ptr + offs, (even | (odd << 4)).to(tl.uint8), mask=row_mask[:, None])
+        store(codes_ptr + offs, (even | (odd << 4)).to(tl.uint8), row_mask[:, None], FULL)
     else:
         offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        tl.store(codes_ptr + offs, code.to(tl.uint8), mask=row_mask[:, None])
-    tl.store(scales_ptr + rows, scale, mask=row_mask)
+        store(codes_ptr + offs, code.to(tl.uint8), row_mask[:, None], FULL)
+    store(scales_ptr + rows, scale, row_mask, FULL)
 
 
 @triton.jit
 def quantize_kernel(x_ptr, codes_ptr, scales_ptr, map_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                     NB: tl.constexpr):
-    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
+    rows, row_mask, offs, mask = block_tile(n, tl.program_id(0), BITS, QBLOCK, NB)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
+    encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK, False)
 
 
 @triton.jit
 def dequantize_kernel(codes_ptr, scales_ptr, map_ptr, out_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                       NB: tl.constexpr):
-    rows, row_mask, offs, mask = block_tile(n, BITS, QBLOCK, NB)
-    x = decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK)
+    rows, row_mask, offs, mask = block_tile(n, tl.program_id(0), BITS, QBLOCK, NB)
+    x = decode(codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS, QBLOCK, False)
     tl.store(out_ptr + offs, x, mask=mask)
 
 
-def quantize(x: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.fastopt.quantize_blockwise on Triton: (packed codes, per-block scales) of float32 ``x``."""
     x = x.reshape(-1).contiguous()
-    n = x.numel()
-    codes = torch.empty(fmt.code_bytes(n), dtype=torch.uint8, device=x.device)
-    scales = torch.empty(fmt.num_blocks(n), dtype=torch.float32, device=x.device)
-    nb = blocks_per_program(fmt.bits)
-    quantize_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](x, codes, scales, fmt.table(x.device), n, BITS=fmt.bits,
-                                                          QBLOCK=fmt.block, NB=nb, num_warps=NUM_WARPS)
+    n, block = x.numel(), 128 if bits == 4 else 256
+    blocks = triton.cdiv(n, block)
+    codes = torch.empty(blocks * block * bits // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(blocks, dtype=torch.float32, device=x.device)
+    nb = blocks_per_program(bits)
+    if blocks:
+        quantize_kernel[(triton.cdiv(blocks, nb),)](x, codes, scales, table, n, BITS=bits, QBLOCK=block, NB=nb,
+                                                    num_warps=NUM_WARPS)
     return codes, scales
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt, n: int) -> torch.Tensor:
+def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
+                         n: int) -> torch.Tensor:
+    """torch.ops.fastopt.dequantize_blockwise on Triton: the float32 values of ``n`` quantized elements."""
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    nb = blocks_per_program(fmt.bits)
-    dequantize_kernel[(triton.cdiv(fmt.num_blocks(n), nb),)](codes, scales, fmt.table(codes.device), out, n,
-                                                            BITS=fmt.bits, QBLOCK=fmt.block, NB=nb,
-                                                            num_warps=NUM_WARPS)
+    block, nb = 128 if bits == 4 else 256, blocks_per_program(bits)
+    if n:
+        dequantize_kernel[(triton.cdiv(triton.cdiv(n, block), nb),)](codes, scales, table, out, n, BITS=bits,
+                                                                     QBLOCK=block, NB=nb, num_warps=NUM_WARPS)
     return out
