@@ -18,7 +18,17 @@ NO_DEPS_TEST_PACKAGES := galore-torch
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize
+# The oldest supported stack (constraints.txt's "oldest:" line) in a side venv; the tests that depend on the torch or
+# Triton version run there (the CPU kernels, the wheel, the op surface and torch.compile, Triton in the interpreter
+# and compiled ahead of time).
+OLDEST_VENV  := .venv-oldest
+OLDEST_PY    := $(OLDEST_VENV)/bin/python
+OLDEST       := $(shell sed -n 's/^\# oldest: //p' constraints.txt)
+OLDEST_PACKAGES := numpy pytest hypothesis expecttest scipy matplotlib transformers torchao
+OLDEST_TESTS := tests/test_ext.py tests/test_wheel.py::test_wheel_runs_every_state_format_through_the_cpp_kernels \
+                tests/ops tests/kernels tests/optim/test_compile.py tests/optim/test_torch_signature.py
+
+.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize test-oldest
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -70,6 +80,18 @@ $(DEPS): constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt $(NO_DEPS_TEST_PACKAGES)
 	touch $@
 
+test-oldest: $(OLDEST_VENV)/.deps-installed $(BUILT) $(WHEEL)
+	PYTHONPATH=$(CURDIR) $(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
+$(OLDEST_VENV)/.deps-installed: constraints.txt
+	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install --quiet --disable-pip-version-check $(OLDEST)
+	grep -v -e '^torch==' -e '^triton==' -e '^setuptools==' constraints.txt > $(OLDEST_VENV)/constraints.txt
+	$(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_VENV)/constraints.txt \
+		$(OLDEST_PACKAGES) $(OLDEST)
+	$(OLDEST_PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt $(NO_DEPS_TEST_PACKAGES)
+	touch $@
+
 # Peers for the benchmark only (make test does not need them).
 $(BENCH_DEPS): $(DEPS) constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(BENCH_PACKAGES)
@@ -80,4 +102,4 @@ $(BUILT): $(DEPS) $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build dist *.egg-info fastopt/*.so $(BUILT)
+	rm -rf build dist *.egg-info fastopt/*.so $(BUILT) $(OLDEST_VENV)

@@ -1,7 +1,8 @@
 """The wheel that `make wheel` builds works on its own: a manylinux wheel for every Python 3, whose kernels link neither
-torch nor Python and whose metadata tells the truth; installed into a fresh venv next to the pinned torch (not the
-source tree), pip resolves its requirements against that torch, and it runs AdamW (fp32, 8-bit, 4-bit states) and
-StableSPAM (4-bit) through the C++ path with exactly the results of the tree's build."""
+torch nor Python and whose metadata tells the truth; installed into a fresh venv next to the torch of the environment
+running the test (the pinned torch 2.13 in `make test`, torch 2.11 in `make test-oldest`; not the source tree), pip
+resolves its requirements against that torch, and it runs AdamW (fp32, 8-bit, 4-bit states) and StableSPAM (4-bit)
+through the C++ path with exactly the results of the tree's build."""
 import json
 import os
 import re
@@ -100,12 +101,14 @@ def wheel_venv(tmp_path_factory) -> Path:
                                         text=True).strip())
     (site / "borrowed.pth").write_text(f"{borrowed}\n")
     # no --no-deps: pip must find the wheel's requirements (torch>=2.11, numpy) satisfied by what is there
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the source tree stays out of sight
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index",
                               "--disable-pip-version-check", str(built_wheel())], capture_output=True, text=True,
-                             timeout=300)
+                             timeout=300, env=env)
     assert install.returncode == 0, install.stdout + install.stderr
-    assert re.search(r"Requirement already satisfied: torch>=2\.11 in \S*borrowed .*\(2\.13\.0", install.stdout), \
-        install.stdout
+    torch_version = re.escape(torch.__version__.split("+")[0])
+    satisfied = rf"Requirement already satisfied: torch>=2\.11 in \S*borrowed .*\({torch_version}"
+    assert re.search(satisfied, install.stdout), install.stdout
     return env_dir
 
 
@@ -127,4 +130,3 @@ def test_wheel_runs_every_state_format_through_the_cpp_kernels(wheel_venv, tmp_p
                           text=True, timeout=300, check=True)
     assert got["steps"] == json.loads(tree.stdout.splitlines()[-1])  # bit for bit the tree's build
     assert len(set(got["steps"].values())) == len(CONFIGS)  # and the configurations really differ
-    assert torch.__version__.startswith("2.13.0")

@@ -89,7 +89,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._steps_taken = torch.zeros((), dtype=torch.int64)
         self._galore = GaLoreStepper()
         self._host = library.register_host(self, FusedOptimizer._host_values)
-        self._index: dict = {}  # param -> (group index, position among all params); rebuilt when a param is missing
+        self._index: dict = {}  # param -> (group index, position among all params), kept by add_param_group
         super().__init__(params, defaults)
 
     def _backend_from_torch_flags(self, backend: str | None, *, foreach, fused, differentiable) -> str | None:
@@ -276,6 +276,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._hyperparameters(options, self._step_count)
         galore.check_options(self._name, options)
         super().add_param_group(param_group)
+        for q in param_group["params"]:
+            self._index[q] = (len(self.param_groups) - 1, len(self._index))
 
     # ---- step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -404,9 +406,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _locate(self, p: torch.Tensor) -> tuple[int, int]:
         """(index of p's group, p's position among all params in group order): positions place staggered refreshes
-        and seed random projections, so they depend only on the order of the params, as a state_dict does."""
-        if p not in self._index:
-            self._index = {}
+        and seed random projections, so they depend only on the order of the params, as a state_dict does.
+        add_param_group keeps the index; it is rebuilt here only outside a compiled step (which must not mutate the
+        optimizer), for params put into a group's list by hand."""
+        if p not in self._index and not torch.compiler.is_compiling():
+            self._index.clear()
             for g, group in enumerate(self.param_groups):
                 for q in group["params"]:
                     self._index[q] = (g, len(self._index))
