@@ -28,7 +28,11 @@ OLDEST_PACKAGES := numpy pytest hypothesis expecttest scipy matplotlib transform
 OLDEST_TESTS := tests/test_ext.py tests/test_wheel.py::test_wheel_runs_every_state_format_through_the_cpp_kernels \
                 tests/ops tests/kernels tests/optim/test_compile.py tests/optim/test_torch_signature.py
 
-.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize test-oldest
+# On a machine with a CUDA GPU and torch + triton installed (no network, no venv: $(PYTHON) as it is): the Triton
+# path's tests, compiled on the GPU, then the GPU benchmark; results into $(GPU_CHECK_OUT) (bench/gpu_check.py).
+GPU_CHECK_OUT ?= bench/results/gpu
+
+.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize test-oldest gpu-check
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -91,6 +95,9 @@ $(OLDEST_VENV)/.deps-installed: constraints.txt
 		$(OLDEST_PACKAGES) $(OLDEST)
 	$(OLDEST_PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt $(NO_DEPS_TEST_PACKAGES)
 	touch $@
+
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PYTHON) -m bench.gpu_check
 
 # Peers for the benchmark only (make test does not need them).
 $(BENCH_DEPS): $(DEPS) constraints.txt

@@ -29,6 +29,7 @@ import torch
 
 import fastopt
 from bench.contenders import BASELINE, CONTENDERS, PRESETS, llama_shapes
+from bench.gpu import PRESETS as GPU_PRESETS
 
 
 def make_params(shapes, grads):
@@ -203,8 +204,11 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="parameter shapes (default: llama-110m; llama-20m with --world-size)")
+    parser.add_argument("--preset", default=None, choices=sorted(set(PRESETS) | set(GPU_PRESETS)),
+                        help="parameter shapes (default: llama-110m; llama-20m with --world-size; both of "
+                             f"{sorted(GPU_PRESETS)} with --device cuda)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU benchmark (bench/gpu.py, what make gpu-check runs)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="step DTensor shards on this many ranks instead (bench/distributed.py)")
     parser.add_argument("--rounds", type=int, default=10)
@@ -214,6 +218,14 @@ def main(argv=None) -> int:
                         help="show what the contenders print while loading (held back by default)")
     add_study_options(parser, "<preset>.json and <preset>.md", "PRESET")
     args = parse_study_args(parser, argv)
+    if args.device == "cuda":
+        from bench import gpu
+
+        if args.preset and args.preset not in GPU_PRESETS:
+            parser.error(f"--device cuda takes --preset {' or '.join(sorted(GPU_PRESETS))}")
+        return gpu.main(args)
+    if args.preset and args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset} is a GPU preset (--device cuda)")
     if args.world_size:
         return distributed_main(args)
     args.preset = args.preset or "llama-110m"

@@ -15,6 +15,25 @@ from fastopt import _ext  # noqa: E402
 # Sizes that break blocking: SIMD widths, the 1024-element Triton block, the 65536-element CPU chunk.
 ODD_SIZES = [1, 127, 128, 129, 4095, 4097, 1_000_003]
 
+# Where the Triton backend runs: a CUDA GPU when there is one and the interpreter is off (make gpu-check), else CPU
+# tensors in Triton's interpreter. Tests of the Triton path put their tensors there (``to_triton_device``).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
+
+
+def device_of(backend: str | None) -> torch.device:
+    return TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+
+
+def to_device(x, device):
+    """Tensors, Quantized moments and lists/tuples of them on ``device`` (the same objects where they already are)."""
+    from fastopt.quant import Quantized
+
+    if isinstance(x, Quantized):
+        return Quantized(x.codes.to(device), x.scales.to(device), x.fmt)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(y, device) for y in x)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
 
 def cpu_isas() -> list[str]:
     """Every CPU kernel ISA this machine can run (the scalar path always)."""

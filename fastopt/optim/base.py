@@ -344,11 +344,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and sharding.is_sharded(p):
                     raise RuntimeError(f"{self._name}: a compiled step() does not take DTensor params yet (a "
                                        f"{tuple(p.shape)} param is one): call step() eagerly under FSDP2")
-                if p.grad is not None and self._backend_for(p) != "cpu":
-                    raise RuntimeError(f"{self._name}: a compiled step() runs fastopt's C++ kernels only (CPU params "
-                                       f"of float32, bfloat16 or float16); a {p.dtype} param on {p.device} takes the "
-                                       f"{self._backend_for(p)!r} backend, which torch.compile cannot run yet: "
-                                       "call step() eagerly")
+                backend = self._backend_for(p) if p.grad is not None else "cpu"
+                if backend == "reference" or backend == "triton" and p.device.type == "cpu":
+                    raise RuntimeError(f"{self._name}: a compiled step() runs fastopt's fused ops (the C++ kernels for "
+                                       "CPU params of float32, bfloat16 or float16, Triton for GPU params); a "
+                                       f"{p.dtype} param on {p.device} takes the {backend!r} backend"
+                                       f"{' in the interpreter' if backend == 'triton' else ''}, which torch.compile "
+                                       "cannot run: call step() eagerly")
         layouts = [self._host_layout(group) for group in self.param_groups]
         total = sum(map(len, layouts))
         values = torch.ops.fastopt.host_values(self._steps_taken, self._host, total) if total else None

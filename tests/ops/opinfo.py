@@ -22,7 +22,7 @@ import torch
 from fastopt.ops import adam_step
 from fastopt.ops.spam import spam_schedule, spam_step, stable_spam_schedule, stable_spam_step
 from fastopt.quant import formats as quant
-from tests.conftest import ODD_SIZES, cpu_isas
+from tests.conftest import ODD_SIZES, cpu_isas, device_of, to_device
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 ULP = {F32: 2.0**-23, BF16: 2.0**-8, F16: 2.0**-11}
@@ -83,9 +83,11 @@ def adam_run(backend: str, case: Case) -> tuple:
             p, m, v, vmax, grads = p.double(), m.double(), v.double(), [x.double() for x in vmax], \
                 [x.double() for x in grads]
     step = torch.tensor(3.0)
+    device = device_of(backend)
+    p, grads, m, v, vmax, step = to_device((p, grads, m, v, vmax, step), device)
     for k in range(steps):
         adam_step([p], [grads[k]], [m], [v], vmax, [step], backend=backend, **ADAM_HP, **flags)
-    return p, m, v, vmax, step.item()
+    return to_device((p, m, v, vmax), torch.device("cpu")) + (step.item(),)
 
 
 def adam_check(ours: tuple, ref: tuple, case: Case) -> None:
@@ -156,13 +158,15 @@ def gradient(k, n, dtype):
 
 def trajectory(algo, backend, n, dtype, storage, compat=None):
     """STEPS steps of one algorithm; returns the final param, decoded moments, counters, and the moments as stored."""
+    device = device_of(backend)
     param = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(dtype)
     m, v = moments(n, storage)
     counters = [torch.zeros(()) for _ in range(5 if algo == "stable" else 1)]
+    param, m, v, counters = to_device((param, m, v, counters), device)
     for k in range(1, STEPS + 1):
-        grad, found_inf = gradient(k, n, dtype), torch.tensor(float(k == SKIPPED_STEP))
+        grad, found_inf = to_device((gradient(k, n, dtype), torch.tensor(float(k == SKIPPED_STEP))), device)
         before = snapshot(param, m, v, counters)
-        common = dict(grad_scale=torch.tensor(GRAD_SCALE), found_inf=found_inf, backend=backend)
+        common = dict(grad_scale=torch.tensor(GRAD_SCALE, device=device), found_inf=found_inf, backend=backend)
         if algo == "stable":
             s, reset = stable_spam_schedule(k, total_T=8, eta_min=0.5, update_proj_gap=3)
             stable_spam_step([param], [grad], [m], [v], *[[c] for c in counters], **STABLE, scale=s,
@@ -173,6 +177,7 @@ def trajectory(algo, backend, n, dtype, storage, compat=None):
                       clip=clip, **common)
         if k == SKIPPED_STEP:
             assert all(torch.equal(a, b) for a, b in zip(before, snapshot(param, m, v, counters)))
+    param, m, v = to_device((param, m, v), torch.device("cpu"))
     values = [x.dequantize(n) if isinstance(x, quant.Quantized) else x.float() for x in (m, v)]
     return param.float(), *values, [c.item() for c in counters], (m, v)
 

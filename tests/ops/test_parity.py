@@ -1,5 +1,5 @@
 """Every fused backend against the reference, for every op of the database in tests/ops/opinfo.py: the C++ kernels
-on each ISA this CPU runs, Triton in its interpreter."""
+on each ISA this CPU runs, Triton in its interpreter (compiled, on a CUDA GPU: make gpu-check)."""
 import pytest
 
 from tests.conftest import on_cpu_isa

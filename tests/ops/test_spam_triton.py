@@ -1,21 +1,23 @@
-"""What only the Triton Stable-SPAM and SPAM steps do (fastopt/kernels/triton/spam.py, in Triton's interpreter),
-beyond the parity trajectories of tests/ops/opinfo.py: the official reset's stored zeros, a tensor lr with mixed
-storage in one call, the clipped re-read of only the spiked block."""
+"""What only the Triton Stable-SPAM and SPAM steps do (fastopt/kernels/triton/spam.py; in Triton's interpreter, or
+compiled on a GPU by make gpu-check), beyond the parity trajectories of tests/ops/opinfo.py: the official reset's
+stored zeros, a tensor lr with mixed storage in one call, the clipped re-read of only the spiked block."""
 import pytest
 import torch
 
 from fastopt.ops.spam import spam_step, stable_spam_step
+from tests.conftest import TRITON_DEVICE, device_of, to_device
 from tests.ops.opinfo import BF16, F32, SPAM, STABLE, moments
+
+CPU = torch.device("cpu")
 
 def test_official_reset_stores_zero_codes_and_scales():
     """Official mode: the reset step's update uses the old moments, and stores codes 0 and scales 0."""
     n = 4097
-    param = torch.randn(n)
-    m, v = moments(n, 4)
-    counters = [torch.zeros(()) for _ in range(5)]
+    param, (m, v), counters = to_device((torch.randn(n), moments(n, 4), [torch.zeros(()) for _ in range(5)]),
+                                        TRITON_DEVICE)
     for k in (1, 2):
-        stable_spam_step([param], [torch.randn(n)], [m], [v], *[[c] for c in counters], **STABLE, reset=k == 2,
-                         compat="official", backend="triton")
+        stable_spam_step([param], [torch.randn(n, device=TRITON_DEVICE)], [m], [v], *[[c] for c in counters],
+                         **STABLE, reset=k == 2, compat="official", backend="triton")
     assert counters[0].item() == 1.0 and counters[1].item() == 2.0
     for q in (m, v):
         assert not q.codes.any() and not q.scales.any()
@@ -29,17 +31,19 @@ def test_lr_tensor_and_mixed_storage_in_one_call(algo):
     start = [torch.randn(n).to(d) for n, d in zip(sizes, dtypes)]
     grads = [[torch.randn(n).to(d) for n, d in zip(sizes, dtypes)] for _ in range(3)]
     results = {}
-    for backend, lr in (("reference", 1e-2), ("triton", torch.tensor(1e-2))):
-        params = [p.clone() for p in start]
-        ms, vs = zip(*[moments(n, s) for n, s in zip(sizes, storages)])
-        counters = [[torch.full((), float(i)) for i in range(len(sizes))] for _ in range(5 if algo == "stable" else 1)]
-        for k, gs in enumerate(grads):
+    for backend, lr in (("reference", 1e-2), ("triton", torch.tensor(1e-2, device=TRITON_DEVICE))):
+        device = device_of(backend)
+        params = [p.clone().to(device) for p in start]
+        ms, vs = to_device(tuple(zip(*[moments(n, s) for n, s in zip(sizes, storages)])), device)
+        counters = to_device([[torch.full((), float(i)) for i in range(len(sizes))]
+                              for _ in range(5 if algo == "stable" else 1)], device)
+        for k, gs in enumerate(to_device(grads, device)):
             hp = dict(lr=lr, reset=k == 1, backend=backend)
             if algo == "stable":
                 stable_spam_step(params, gs, list(ms), list(vs), *counters, **dict(STABLE, **hp))
             else:  # clipping against v = 0 would zero the gradient: clip only on the step after the reset
                 spam_step(params, gs, list(ms), list(vs), *counters, clip=k == 2, **dict(SPAM, **hp))
-        results[backend] = params, counters
+        results[backend] = to_device((params, counters), CPU)
     (params, counters), (params_ref, counters_ref) = results["triton"], results["reference"]
     for p, p_ref, p0, storage in zip(params, params_ref, start, storages):
         exact = p.dtype == F32 and storage == F32
@@ -57,10 +61,10 @@ def test_adaclip_rereads_only_the_spiked_block_and_agrees():
     grads[2][5000:5010] *= 1e3
     results = []
     for backend in ("triton", "reference"):
-        param, (m, v) = torch.zeros(n), moments(n, F32)
-        counters = [torch.zeros(()) for _ in range(5)]
-        for g in grads:
+        param, (m, v), counters = to_device((torch.zeros(n), moments(n, F32), [torch.zeros(()) for _ in range(5)]),
+                                            device_of(backend))
+        for g in to_device(grads, device_of(backend)):
             stable_spam_step([param], [g], [m], [v], *[[c] for c in counters], **STABLE, backend=backend)
-        results.append((param, [c.item() for c in counters]))
+        results.append((param.cpu(), [c.item() for c in counters]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)

@@ -133,11 +133,14 @@ def test_galore_groups_compile_with_graph_breaks(cls):
         assert torch.equal(p, q)
 
 
-def test_compiling_another_backend_is_refused_clearly():
-    """A compiled step runs the C++ kernels only: the reference path (here float64 params) raises a clear error."""
-    net = model(dtype=torch.float64)
-    opt = fastopt.AdamW(net.parameters())
-    net(torch.randn(2, 12, dtype=torch.float64)).sum().backward()
-    with pytest.raises(Exception, match=r"a compiled step\(\) runs fastopt's C\+\+ kernels only .* torch.float64 param "
-                                        r"on cpu takes the 'reference' backend"):
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, None), (torch.float32, "triton")])
+def test_compiling_another_backend_is_refused_clearly(dtype, backend):
+    """A compiled step runs the fused ops (C++ on CPU params, Triton on GPU params): the reference path (float64
+    params) and Triton in its interpreter (CPU params) raise a clear error."""
+    net = model(dtype=dtype)
+    opt = fastopt.AdamW(net.parameters(), backend=backend)
+    net(torch.randn(2, 12, dtype=dtype)).sum().backward()
+    where = " in the interpreter" if backend else ""
+    with pytest.raises(Exception, match=rf"a compiled step\(\) runs fastopt's fused ops .* {dtype} param on cpu "
+                                        rf"takes the '{backend or 'reference'}' backend{where}, which torch.compile"):
         torch.compile(opt.step, fullgraph=True, backend="aot_eager")()
