@@ -140,12 +140,9 @@ def run(preset: str, dtype: torch.dtype, rounds: int, warmup: int, only: list[st
         added[c.name] = (held - before, torch.cuda.max_memory_allocated() - held)
         steps[c.name] = opts[c.name].step
     copy_src, copy_dst = torch.empty(n, dtype=dtype, device="cuda"), torch.empty(n, dtype=dtype, device="cuda")
-    tasks = dict(steps, copy=lambda: copy_dst.copy_(copy_src))
-    times = {name: [] for name in tasks}
-    names = list(tasks)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(event_timed(tasks[name]))
+    from bench.run import rotated_rounds
+
+    times = rotated_rounds(dict(steps, copy=lambda: copy_dst.copy_(copy_src)), range(rounds), event_timed)
     copy_gbs = 2 * n * param_bytes(dtype) / statistics.median(times["copy"]) / 1e9
     base = statistics.median(times[BASELINE]) if BASELINE in times else None
     rows = []

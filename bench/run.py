@@ -138,16 +138,12 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None, verbose: 
     tasks["stream"] = lambda: stream_a.add_(stream_b)
     for _ in range(warmup):
         tasks["stream"]()
-    times = {name: [] for name in tasks}
-    names = list(tasks)
     try:
         from tqdm import tqdm
         progress = tqdm(range(rounds), desc=f"{preset}: {len(contenders)} contenders", file=sys.stderr)
     except ImportError:
         progress = range(rounds)
-    for r in progress:
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(tasks[name]))
+    times = rotated_rounds(tasks, progress, timed)
 
     stream_s = statistics.median(times["stream"])
     stream_gbs = 12 * n / stream_s / 1e9
@@ -164,6 +160,17 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None, verbose: 
     return {"preset": preset, "params": n, "tensors": len(shapes), "rounds": rounds, "warmup": warmup,
             "stream_gb_per_s": stream_gbs, "machine": machine(), "rows": rows,
             "command": "python -m bench " + " ".join(sys.argv[1:])}
+
+
+def rotated_rounds(tasks: dict, rounds, timer) -> dict[str, list[float]]:
+    """Each task's times, ``timer(task)`` once per round, the order rotated by one each round (no task always runs
+    after the same one)."""
+    times = {name: [] for name in tasks}
+    names = list(tasks)
+    for r in rounds:
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timer(tasks[name]))
+    return times
 
 
 def table(result: dict) -> str:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column, load,
                                             program_tensor, store_rounded)
-from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
+from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 
 # The table's columns (then the element count and the first program): pointers to the param, its grad, both moments
 # (float, or codes), both moments' scales (quantized), amsgrad's running max, the step count.
@@ -112,10 +112,8 @@ def adam_program(row, n, program, p_like, m_like, m_map_ptr, v_map_ptr, hp_ptr, 
             lr, beta1, beta2, weight_decay, grad_scale_ptr, MAXIMIZE, DECOUPLED, INDEPENDENT_DECAY, HAS_GRAD_SCALE)
         param = adam_param(param, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction2, eps)
         store_rounded(p_ptr + offs, param, mask, FULL)
-        if not FULL:  # the tail block's padding encodes as 0
-            exp_avg, exp_avg_sq = tl.where(mask, exp_avg, 0.0), tl.where(mask, exp_avg_sq, 0.0)
-        encode_store(exp_avg, mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
-        encode_store(exp_avg_sq, vc_ptr, vs_ptr, v_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+        encode_moments(exp_avg, exp_avg_sq, mask, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_ptr, v_map_ptr, rows, row_mask,
+                       BITS, QBLOCK, FULL)
 
 
 @triton.jit

@@ -76,6 +76,16 @@ def encode_store(x, codes_ptr, scales_ptr, map_ptr, rows, row_mask, BITS: tl.con
 
 
 @triton.jit
+def encode_moments(exp_avg, exp_avg_sq, mask, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_ptr, v_map_ptr, rows, row_mask,
+                   BITS: tl.constexpr, QBLOCK: tl.constexpr, FULL: tl.constexpr):
+    """Both moments of an optimizer step's tile, encoded and stored (the tail block's padding as 0)."""
+    if not FULL:
+        exp_avg, exp_avg_sq = tl.where(mask, exp_avg, 0.0), tl.where(mask, exp_avg_sq, 0.0)
+    encode_store(exp_avg, mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+    encode_store(exp_avg_sq, vc_ptr, vs_ptr, v_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+
+
+@triton.jit
 def quantize_kernel(x_ptr, codes_ptr, scales_ptr, map_ptr, n, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                     NB: tl.constexpr):
     rows, row_mask, offs, mask = block_tile(n, tl.program_id(0), BITS, QBLOCK, NB)

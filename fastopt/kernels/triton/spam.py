@@ -41,7 +41,7 @@ import triton.language as tl
 from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column, load,
                                             program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, by_dtypes, one_minus_power, step_scalars
-from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_store
+from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 
 PARTIAL_BLOCK = tl.constexpr(4096)  # gradient elements per workspace entry
 STATS_BLOCK = 1024    # workspace entries a stats program reads at once
@@ -273,10 +273,8 @@ def spam_program(row, n, program, p_like, m_like, m_map_ptr, v_map_ptr, work, hp
             zero_blocks(mc_ptr, ms_ptr, rows, row_mask, BITS, QBLOCK)
             zero_blocks(vc_ptr, vs_ptr, rows, row_mask, BITS, QBLOCK)
         else:
-            if not FULL:  # the tail block's padding encodes as 0
-                exp_avg, exp_avg_sq = tl.where(mask, exp_avg, 0.0), tl.where(mask, exp_avg_sq, 0.0)
-            encode_store(exp_avg, mc_ptr, ms_ptr, m_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
-            encode_store(exp_avg_sq, vc_ptr, vs_ptr, v_map_ptr, rows, row_mask, BITS, QBLOCK, FULL)
+            encode_moments(exp_avg, exp_avg_sq, mask, mc_ptr, ms_ptr, vc_ptr, vs_ptr, m_map_ptr, v_map_ptr, rows,
+                           row_mask, BITS, QBLOCK, FULL)
 
 
 @triton.jit
