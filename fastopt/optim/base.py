@@ -449,8 +449,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         bucket's shards reduce over one process group: one multi-tensor op call per bucket, as (device, backend,
         params)."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        backends: dict[tuple, str] = {}  # per (device, dtype): resolved once, not per param
         for p in params:
-            buckets[(p.device, self._backend_for(p), sharding.placement_key(p))].append(p)
+            kind = (p.device, p.dtype)
+            backend = backends.get(kind) or backends.setdefault(kind, self._backend_for(p))
+            buckets[(p.device, backend, sharding.placement_key(p))].append(p)
         return [(device, backend, ps) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------

@@ -15,6 +15,7 @@ numbers come as a CPU tensor, uploaded once per distinct set of values (``device
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -125,26 +126,22 @@ def _cached(key, build) -> torch.Tensor:
     return entry[0]
 
 
-def _pointer(x) -> int:
-    return x.data_ptr() if isinstance(x, torch.Tensor) else int(x)
-
-
 class Launch:
     """The table and block maps of multi-tensor launches over one group of tensors. ``rows`` holds, per tensor, its
-    columns (tensors by data pointer, or ints); the table adds its element count (column ``n``) and, per entry of
+    columns (tensors, by data pointer, or ints: 0 for a column it lacks); the table adds its element count (column ``n``) and, per entry of
     ``blocks`` (elements per program), its first program (column ``first[k]``); ``maps[k]`` and ``programs[k]`` are
     that granularity's block map and program count."""
 
     def __init__(self, rows: list[list], sizes: list[int], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
                  streams: int = 0):
-        counts = [[triton.cdiv(n, block) for n in sizes] for block in blocks]
-        firsts = [[sum(c[:i]) for i in range(len(c))] for c in counts]
+        counts = [[-(-n // block) for n in sizes] for block in blocks]
+        firsts = [[0, *itertools.accumulate(c)][:-1] for c in counts]
         self.n = len(rows[0]) if rows else 0
         self.first = [self.n + 1 + k for k in range(len(blocks))]
         self.columns = self.n + 1 + len(blocks)
         self.count = len(rows)
         self.programs = [sum(c) for c in counts]
-        pointers = [list(map(_pointer, row)) for row in rows]
+        pointers = [[x.data_ptr() if isinstance(x, torch.Tensor) else x for x in row] for row in rows]
         # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
         # allocations are; a view may not be) lets the kernels use 128-bit accesses
         self.aligned = all(v % 16 == 0 for row in pointers for v in row[:streams])
