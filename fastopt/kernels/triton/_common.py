@@ -128,17 +128,15 @@ def _cached(key, build) -> torch.Tensor:
 
 class Launch:
     """The table and block maps of multi-tensor launches over one group of tensors. ``rows`` holds, per tensor, its
-    columns (tensors, by data pointer, or ints: 0 for a column it lacks); the table adds its element count (column ``n``) and, per entry of
-    ``blocks`` (elements per program), its first program (column ``first[k]``); ``maps[k]`` and ``programs[k]`` are
-    that granularity's block map and program count."""
+    columns (tensors, by data pointer, or ints: 0 for a column it lacks); the table adds its element count and, per
+    entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and ``programs[k]`` are that
+    granularity's block map and program count."""
 
     def __init__(self, rows: list[list], sizes: list[int], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
                  streams: int = 0):
         counts = [[-(-n // block) for n in sizes] for block in blocks]
         firsts = [[0, *itertools.accumulate(c)][:-1] for c in counts]
-        self.n = len(rows[0]) if rows else 0
-        self.first = [self.n + 1 + k for k in range(len(blocks))]
-        self.columns = self.n + 1 + len(blocks)
+        self.columns = (len(rows[0]) if rows else 0) + 1 + len(blocks)
         self.count = len(rows)
         self.programs = [sum(c) for c in counts]
         pointers = [[x.data_ptr() if isinstance(x, torch.Tensor) else x for x in row] for row in rows]

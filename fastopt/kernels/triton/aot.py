@@ -148,9 +148,22 @@ def compile_variant(name, fn, dtypes, flags, signature, constexprs, arch) -> Var
                    spills=ptx.count("st.local") + ptx.count("ld.local"))
 
 
+VARIANTS = list(itertools.chain(adam_variants(), quant_variants(), spam_variants()))
+
+
+def _compile(job: tuple[int, int]) -> Variant:
+    index, arch = job
+    return compile_variant(*VARIANTS[index], arch)
+
+
 def compile_all(archs=(80, 90)) -> list[Variant]:
-    variants = list(itertools.chain(adam_variants(), quant_variants(), spam_variants()))
-    return [compile_variant(*v, arch) for arch in archs for v in variants]
+    """Every variant for every arch, in as many processes as there are cores (each compile is single-threaded)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(i, arch) for arch in archs for i in range(len(VARIANTS))]
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile, jobs))
 
 
 def main(argv=None) -> int:
