@@ -2,14 +2,16 @@
 
 Every fused op is a ``torch.library`` op in the ``fastopt`` namespace, defined here at import (never inside a
 step), so that ``torch.compile`` and ``torch.library.opcheck`` see it: a schema that marks what the op mutates
-(``Tensor(a!)[]``), a fake kernel (shapes only, for tracing), and a CPU kernel (fastopt/ops/cpu.py: argument checks,
-then the C++ kernels through their C ABI, loaded here too). The pure-torch reference and the Triton launchers are
-called by fastopt/ops/*.py directly.
+(``Tensor(a!)[]``), a fake kernel (shapes only, for tracing), a CPU kernel (fastopt/ops/cpu.py: argument checks,
+then the C++ kernels through their C ABI, loaded here too) and a CUDA kernel (the Triton launcher, imported on first
+use). The pure-torch reference is called by fastopt/ops/*.py directly, and so are the Triton launchers on CPU
+tensors, in Triton's interpreter.
 
 The three step ops share one shape: params, grads, both moments as float tensors (``bits`` 0) or as uint8 codes
 with fp32 scales and the two maps (``bits`` 4 or 8), the per-tensor counters and statistics, and ``hp``: the step's
-hyperparameters as one float64 CPU tensor, so that a compiled step takes them as data (an lr that changes every
-step recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
+hyperparameters as one float64 tensor (on the CPU for the C++ kernels; for Triton on the CPU or, holding tensor
+hyperparameters, on the params' device), so that a compiled step takes them as data (an lr that changes every step
+recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
 
     adam_step         lr, beta1, beta2, eps, weight_decay
     stable_spam_step  lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset
