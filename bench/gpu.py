@@ -152,8 +152,8 @@ def run(preset: str, dtype: torch.dtype, rounds: int, warmup: int, only: list[st
         rows.append({"optimizer": c.name, "ms_per_step": t * 1e3, "vs_torch_fused": t / base if base else None,
                      "gb_per_s": gbs, "of_copy_bandwidth": gbs / copy_gbs, "launches_per_step": launches(steps[c.name]),
                      "host_us_per_step": statistics.median(host_seconds(steps[c.name]) for _ in range(5)) * 1e6,
-                     "state_bytes_per_param": state_bytes(opts[c.name]) / n, "memory_added_mib": added[c.name][0] / 2**20,
-                     "step_peak_temporaries_mib": added[c.name][1] / 2**20,
+                     "state_bytes_per_param": state_bytes(opts[c.name]) / n,
+                     "memory_added_mib": added[c.name][0] / 2**20, "step_peak_temporaries_mib": added[c.name][1] / 2**20,
                      "ms_all_rounds": [x * 1e3 for x in times[c.name]]})
     return {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "params": n, "tensors": len(shapes),
             "rounds": rounds, "warmup": warmup, "copy_gb_per_s": copy_gbs, "device": torch.cuda.get_device_name(),
