@@ -276,8 +276,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._hyperparameters(options, self._step_count)
         galore.check_options(self._name, options)
         super().add_param_group(param_group)
-        for q in param_group["params"]:
-            self._index[q] = (len(self.param_groups) - 1, len(self._index))
+        self._reindex()
 
     # ---- step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -412,13 +411,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         add_param_group keeps the index; it is rebuilt here only outside a compiled step (which must not mutate the
         optimizer), for params put into a group's list by hand."""
         if p not in self._index and not torch.compiler.is_compiling():
-            self._index.clear()
-            for g, group in enumerate(self.param_groups):
-                for q in group["params"]:
-                    self._index[q] = (g, len(self._index))
+            self._reindex()
         if p not in self._index:
             raise ValueError(f"{self._name}: this parameter (shape {tuple(p.shape)}) is not in the optimizer")
         return self._index[p]
+
+    def _reindex(self) -> None:
+        self._index.clear()
+        for g, group in enumerate(self.param_groups):
+            for q in group["params"]:
+                self._index[q] = (g, len(self._index))
 
     # ---- GaLore (fastopt/galore/step.py calls these: its Host interface) -------------------------------------
     def _galore_weight_decay(self, group: dict, hp: dict) -> tuple[str, float | torch.Tensor]:
