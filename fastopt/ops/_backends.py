@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from operator import is_
 
 import torch
 
@@ -56,26 +57,35 @@ def resolve(backend: str | None, device: torch.device) -> str:
 def run_contiguous(kernel, mutated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> None:
     """Calls ``kernel(*mutated, *read)`` on contiguous tensors (kernels index flat storage), copying any
     non-contiguous input first and writing mutated copies back. Contiguous tensors are passed as they are."""
-    fixed = [[t.contiguous() for t in ts] for ts in mutated]
-    kernel(*fixed, *[[t.contiguous() for t in ts] for ts in read])
+    fixed = [list(map(torch.Tensor.contiguous, ts)) for ts in mutated]
+    kernel(*fixed, *[list(map(torch.Tensor.contiguous, ts)) for ts in read])
     for originals, copies in zip(mutated, fixed):
-        for t, c in zip(originals, copies):
-            if c is not t:
-                t.copy_(c)
+        if not all(map(is_, originals, copies)):
+            for t, c in zip(originals, copies):
+                if c is not t:
+                    t.copy_(c)
 
 
 def by_storage(moments: list) -> list[tuple[list[int], int]]:
     """Tensor indices grouped by how their moments are stored: bits 0 (float tensors), 4 or 8 (codes + scales)."""
+    if Quantized not in set(map(type, moments)):
+        return [(list(range(len(moments))), 0)] if moments else []
     bits = [m.fmt.bits if isinstance(m, Quantized) else 0 for m in moments]
     return [([i for i, b in enumerate(bits) if b == want], want) for want in sorted(set(bits))]
 
 
 def step_kernel(name: str, backend: str, device: torch.device):
     """What runs fused op ``name`` for ``backend`` on ``device``: the torch.library op (C++ kernels on CPU tensors,
-    Triton on GPU tensors), or in Triton's interpreter (CPU tensors) its Triton launcher directly."""
+    Triton on GPU tensors) where torch must see it (a compiled step, or a dispatch mode such as fake tensors active);
+    otherwise the op's kernel itself, as the dispatcher would call it, without the cost of passing every tensor of the
+    lists through the dispatcher; in Triton's interpreter (CPU tensors) its Triton launcher."""
     if backend == "triton" and device.type == "cpu":
         return library.triton_kernel(name)
-    return getattr(torch.ops.fastopt, name)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return getattr(torch.ops.fastopt, name)
+    if backend == "cpu":
+        return library.cpu_kernel(name)
+    return library.triton_kernel(name)
 
 
 def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]],
@@ -91,7 +101,8 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
     op = kernel or step_kernel(name, backend, params[0].device)
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
-        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        every = len(idx) == len(params)
+        pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
         options.update({k: v[idx].contiguous() for k, v in rows.items()})
         if bits:

@@ -7,6 +7,7 @@ The errors name the op, the argument and the tensor's index; they are RuntimeErr
 from __future__ import annotations
 
 import ctypes
+import operator
 
 import torch
 
@@ -37,7 +38,19 @@ def _on_cpu_contiguous(t: torch.Tensor) -> bool:
 
 
 def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    return (ctypes.c_void_p * len(tensors))(*map(torch.Tensor.data_ptr, tensors))
+
+
+# Per-tensor attributes read over whole lists (map runs them without a Python frame per tensor).
+_numel, _dtype, _is_cpu = torch.Tensor.numel, operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
+
+
+def _all_cpu(tensors) -> bool:
+    return all(map(_is_cpu, tensors))
+
+
+def _all_cpu_contiguous(*lists) -> bool:
+    return all(_all_cpu(xs) and all(map(torch.Tensor.is_contiguous, xs)) for xs in lists)
 
 
 def _hyperparameters(hp: torch.Tensor, op: str) -> int:
@@ -72,7 +85,8 @@ def _check_like(p: torch.Tensor, t: torch.Tensor, op: str, what: str, i: int) ->
 def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
              exp_avg_sq_map, bits: int, counters: dict[str, list], max_exp_avg_sqs=()) -> _ext.Moments:
     """Checks one step op's tensors (every one, before anything changes) and returns the C ABI's fastopt_moments for
-    them (ctypes keeps the arrays it points into alive as long as it lives)."""
+    them (ctypes keeps the arrays it points into alive as long as it lives). The checks run over whole lists first;
+    only when one fails does ``_explain`` look at the tensors one by one, to name the first bad one."""
     n = len(params)
     _check(bits in (0, 4, 8), op, f"bits must be 0 (float moments), 4 or 8, got {bits}")
     _check(not max_exp_avg_sqs or bits == 0, op, f"max_exp_avg_sqs (amsgrad) needs float moments (bits 0), got bits {bits}")
@@ -82,21 +96,55 @@ def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_
     if bits:
         _check_map(exp_avg_map, bits, op, "exp_avg_map")
         _check_map(exp_avg_sq_map, bits, op, "exp_avg_sq_map")
-    numels, param_dtypes, state_dtypes = [], [], []
+    numels = list(map(_numel, params))
+    param_dtypes = list(map(_DTYPES.get, map(_dtype, params)))
+    state_dtypes = [0] * n if bits else list(map(_DTYPES.get, map(_dtype, exp_avgs)))
+    like_params = [grads] if bits else [grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if max_exp_avg_sqs else [])]
+    ok = (None not in param_dtypes and None not in state_dtypes
+          and _all_cpu_contiguous(params, *like_params)
+          and all(list(map(_numel, xs)) == numels for xs in like_params)
+          and list(map(_dtype, grads)) == list(map(_dtype, params))
+          and all(_all_cpu(xs) and set(map(_dtype, xs)) == {torch.float32} and set(map(_numel, xs)) == {1}
+                  for xs in counters.values() if xs))
+    if ok and bits:
+        block = _BLOCKS[bits]
+        blocks = [-(-k // block) for k in numels]
+        nbytes = [b * block * bits // 8 for b in blocks]
+        ok = (_all_cpu_contiguous(exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales)
+              and set(map(_dtype, exp_avgs)) | set(map(_dtype, exp_avg_sqs)) <= {torch.uint8}
+              and set(map(_dtype, exp_avg_scales)) | set(map(_dtype, exp_avg_sq_scales)) <= {torch.float32}
+              and list(map(_numel, exp_avgs)) == nbytes and list(map(_numel, exp_avg_sqs)) == nbytes
+              and list(map(_numel, exp_avg_scales)) == blocks and list(map(_numel, exp_avg_sq_scales)) == blocks)
+    elif ok:
+        ok = all(list(map(_dtype, xs)) == list(map(_dtype, exp_avgs)) for xs in like_params[2:])
+    if not ok:
+        _explain(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, bits, counters,
+                 max_exp_avg_sqs)
+    arrays = [(ctypes.c_int64 * n)(*numels), (ctypes.c_int32 * n)(*param_dtypes), (ctypes.c_int32 * n)(*state_dtypes),
+              _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
+    arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
+    arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
+    return _ext.Moments(n, *[ctypes.cast(a, f[1]) if a is not None else None
+                             for a, f in zip(arrays, _ext.Moments._fields_[1:11])], bits,
+                        exp_avg_map.data_ptr() if bits else None, exp_avg_sq_map.data_ptr() if bits else None)
+
+
+def _explain(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, bits: int,
+             counters: dict[str, list], max_exp_avg_sqs) -> None:
+    """The checks of ``_moments`` tensor by tensor: raises for the first tensor that fails one, naming it."""
     for i, p in enumerate(params):
         _check(_on_cpu_contiguous(p), op, f"params[{i}] must be a contiguous CPU tensor")
-        param_dtypes.append(_dtype_code(p, op, "params"))
+        _dtype_code(p, op, "params")
         _check_like(p, grads[i], op, "grads", i)
         _check(grads[i].dtype == p.dtype, op, f"grads[{i}] dtype differs from params[{i}]")
         if bits:
             _check_quantized(exp_avgs[i], exp_avg_scales[i], p.numel(), bits, op, "exp_avg", i)
             _check_quantized(exp_avg_sqs[i], exp_avg_sq_scales[i], p.numel(), bits, op, "exp_avg_sq", i)
-            state_dtypes.append(0)
         else:
             m = exp_avgs[i]
             _check_like(p, m, op, "exp_avgs", i)
             _check_like(p, exp_avg_sqs[i], op, "exp_avg_sqs", i)
-            state_dtypes.append(_dtype_code(m, op, "exp_avgs"))
+            _dtype_code(m, op, "exp_avgs")
             _check(exp_avg_sqs[i].dtype == m.dtype, op, f"exp_avg_sqs[{i}] dtype differs from exp_avgs[{i}]")
             if max_exp_avg_sqs:
                 _check_like(p, max_exp_avg_sqs[i], op, "max_exp_avg_sqs", i)
@@ -105,14 +153,6 @@ def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_
             c = xs[i]
             _check(c.device.type == "cpu" and c.dtype == torch.float32 and c.numel() == 1, op,
                    f"{what}[{i}] must be a float32 CPU scalar tensor")
-        numels.append(p.numel())
-    arrays = [(ctypes.c_int64 * n)(*numels), (ctypes.c_int32 * n)(*param_dtypes), (ctypes.c_int32 * n)(*state_dtypes),
-              _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
-    arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
-    arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
-    return _ext.Moments(n, *[ctypes.cast(a, f[1]) if a is not None else None
-                             for a, f in zip(arrays, _ext.Moments._fields_[1:11])], bits,
-                        exp_avg_map.data_ptr() if bits else None, exp_avg_sq_map.data_ptr() if bits else None)
 
 
 def _amp(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> tuple[float, bool]:

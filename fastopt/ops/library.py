@@ -152,6 +152,11 @@ def pack_hyperparameters(op: str, **named: float | torch.Tensor) -> torch.Tensor
                         else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
 
 
+def cpu_kernel(name: str):
+    """The CPU kernel of op ``name`` (fastopt/ops/cpu.py: checks, then the C++ kernels)."""
+    return cpu.KERNELS[name]
+
+
 def triton_kernel(name: str):
     """The Triton launcher of op ``name`` (imported when first asked for: importing triton takes a while)."""
     from fastopt.kernels.triton import KERNELS

@@ -31,6 +31,11 @@ def is_sharded(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def any_sharded(tensors) -> bool:
+    """Whether a DTensor is among ``tensors`` (by their types: one check per distinct type)."""
+    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
+
+
 def local(t):
     """The tensor the kernels take: a DTensor's local shard (the same storage), anything else as it is."""
     return t.to_local() if isinstance(t, DTensor) else t

@@ -51,17 +51,16 @@ class Adam(FusedOptimizer):
     def _moment_names(self, group: dict) -> list[tuple[str, bool]]:
         return [("exp_avg", True), ("exp_avg_sq", False)] + ([("max_exp_avg_sq", False)] if group["amsgrad"] else [])
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
+    def _update(self, group, hp, buckets, grad_scale, found_inf) -> None:
         beta1, beta2 = hp["betas"]
-        for device, backend, ps in self._buckets(params):
-            states = [self.state[p] for p in ps]
+        for b in buckets:
+            device, backend = b.device, b.backend
             lr = hp["lr"]
             if isinstance(lr, torch.Tensor) and backend == "triton":
                 lr = lr.to(device)  # no-op when the user's lr tensor already lives there
-            moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
-            adam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
-                      moments("max_exp_avg_sq", False) if group["amsgrad"] else [],
-                      [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=hp["eps"],
+            adam_step(b.params, b.grads(), b.moments("exp_avg", True), b.moments("exp_avg_sq", False),
+                      b.moments("max_exp_avg_sq", False) if group["amsgrad"] else [],
+                      b.states("step"), lr=lr, beta1=beta1, beta2=beta2, eps=hp["eps"],
                       weight_decay=hp["weight_decay"],
                       decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
                       independent_decay=group["independent_weight_decay"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from operator import attrgetter
 from typing import Any, Callable
 
 import torch
@@ -34,8 +35,10 @@ from fastopt.ops import _backends, library, sharding
 from fastopt.ops.common import as_number
 from fastopt.optim import checkpoint
 from fastopt.optim.checkpoint import is_schedule
+from fastopt.optim.plan import Bucket, StepPlan
 from fastopt.quant import formats as quant
 
+_grad, _is_sparse, _shape = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("shape")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
 STATE_BITS = (None, 32, 16, 8, 4)  # None: moments in the param's dtype (torch's behaviour)
 
@@ -90,6 +93,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._galore = GaLoreStepper()
         self._host = library.register_host(self, FusedOptimizer._host_values)
         self._index: dict = {}  # param -> (group index, position among all params), kept by add_param_group
+        self._plans: dict[int, StepPlan] = {}  # id(group) -> the group's step plan, kept while it holds
         super().__init__(params, defaults)
 
     def _backend_from_torch_flags(self, backend: str | None, *, foreach, fused, differentiable) -> str | None:
@@ -158,8 +162,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_rule_names(self, group: dict) -> tuple[str, ...]:
         return ()
 
-    def _update(self, group: dict, hp: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
-        """One step of ``params`` (all with grads and initialized state) of one group."""
+    def _update(self, group: dict, hp: dict, buckets: list[Bucket], grad_scale, found_inf) -> None:
+        """One step of one group's params (all with grads and initialized state): one fused op call per bucket."""
         raise NotImplementedError
 
     # ---- moments --------------------------------------------------------------------------------
@@ -296,11 +300,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = []
         for g, (group, hp) in enumerate(zip(self.param_groups, hps)):
             params = [p for p in group["params"] if p.grad is not None]
-            for i, p in enumerate(params):
-                self._check_grad(p, f"param_groups[{g}]['params'][{i}]")
+            self._check_grads(params, f"param_groups[{g}]['params']")
             work.append((group, hp, params))
         for group, hp, params in work:
-            self._step_params(group, hp, params, grad_scale, found_inf)
+            self._step_params(group, hp, params, grad_scale, found_inf, keep_plan=True)
         self._steps_taken.add_(1)
         return loss
 
@@ -381,6 +384,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         hp = self._group_hyperparameters(group, self._step_count)
         self._step_params(group, hp, [p], None, None)
 
+    def _check_grads(self, params: list[torch.Tensor], where: str) -> None:
+        """``_check_grad`` of every param, over whole lists first: the params one by one only when one fails or a
+        DTensor is among them (``where`` names the list)."""
+        if torch.compiler.is_compiling():  # traced once, then guarded: the plain loop
+            return self._check_each_grad(params, where)
+        grads = list(map(_grad, params))
+        if (any(map(_is_sparse, grads)) or list(map(_shape, grads)) != list(map(_shape, params))
+                or sharding.any_sharded(params) or sharding.any_sharded(grads)):
+            self._check_each_grad(params, where)
+
+    def _check_each_grad(self, params: list[torch.Tensor], where: str) -> None:
+        for i, p in enumerate(params):
+            self._check_grad(p, f"{where}[{i}]")
+
     def _check_grad(self, p: torch.Tensor, where: str) -> None:
         if p.grad.is_sparse:
             raise RuntimeError(f"{self._name}: sparse gradients are not supported ({where})")
@@ -393,17 +410,31 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{self._name}: gradient of shape {tuple(p.grad.shape)} for a parameter of shape "
                                f"{tuple(p.shape)} ({where})")
 
-    def _step_params(self, group: dict, hp: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
+    def _step_params(self, group: dict, hp: dict, params: list[torch.Tensor], grad_scale, found_inf, *,
+                     keep_plan: bool = False) -> None:
+        plan = self._plan(group, params, keep_plan)
+        if plan.plain:
+            self._update(group, hp, plan.buckets, grad_scale, found_inf)
+        if plan.projected:
+            if grad_scale is not None or found_inf is not None:  # GradScaler unscales for us (see the docstring)
+                raise RuntimeError(f"{self._name}: GaLore groups take unscaled gradients (grad_scale/found_inf given)")
+            self._galore.step(self, group, hp, plan.projected)
+
+    def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
+        """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group
+        and reuses it while it holds; a compiled step() builds it as it traces (the optimizer is not mutated)."""
+        keep = keep and not torch.compiler.is_compiling()
+        plan = self._plans.get(id(group)) if keep else None
+        if plan is not None and plan.holds(self, group, params):
+            return plan
         for p in params:
             if not self.state[p]:
                 self.state[p].update(self._init_state(p, group))
-        plain = [p for p in params if not galore.is_projected(p, group)]
-        if plain:
-            self._update(group, hp, plain, grad_scale, found_inf)
-        if len(plain) < len(params):
-            if grad_scale is not None or found_inf is not None:  # GradScaler unscales for us (see the docstring)
-                raise RuntimeError(f"{self._name}: GaLore groups take unscaled gradients (grad_scale/found_inf given)")
-            self._galore.step(self, group, hp, [p for p in params if galore.is_projected(p, group)])
+        plan = StepPlan(self, group, params)
+        if keep:
+            plan.keep(self)
+            self._plans[id(group)] = plan
+        return plan
 
     def _locate(self, p: torch.Tensor) -> tuple[int, int]:
         """(index of p's group, p's position among all params in group order): positions place staggered refreshes
@@ -433,7 +464,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._locate(p)[1]
 
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
-        self._update(group, hp, [shadow], None, None)
+        self._update(group, hp, self._buckets(group, [shadow]), None, None)
 
     def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
         like = self._moment_like(p, group)  # the low-rank shape: sizes and storage follow it
@@ -446,17 +477,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return "reference"  # e.g. float64: exact math on the reference path
         return _backends.resolve(self.backend, p.device)
 
-    def _buckets(self, params: list[torch.Tensor]) -> list[tuple[torch.device, str, list[torch.Tensor]]]:
+    def _buckets(self, group: dict, params: list[torch.Tensor]) -> list[Bucket]:
         """Params grouped by device, backend and DTensor mesh and placements (plain tensors: none), so that each
-        bucket's shards reduce over one process group: one multi-tensor op call per bucket, as (device, backend,
-        params)."""
+        bucket's shards reduce over one process group: one multi-tensor op call per bucket."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         backends: dict[tuple, str] = {}  # per (device, dtype): resolved once, not per param
         for p in params:
             kind = (p.device, p.dtype)
             backend = backends.get(kind) or backends.setdefault(kind, self._backend_for(p))
             buckets[(p.device, backend, sharding.placement_key(p))].append(p)
-        return [(device, backend, ps) for (device, backend, _), ps in buckets.items()]
+        return [Bucket(self, group, device, backend, ps) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -471,6 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:  # also runs at the end of torch's load_state_dict
         super().__setstate__(state)
+        self._plans = {}  # they no longer hold: let go of the state they keep
         for group in self.param_groups:
             self._fill_missing_options(group)
 

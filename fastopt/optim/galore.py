@@ -79,13 +79,13 @@ class GaLoreAdamW(AdamW):
         beta2 = as_number(hp["betas"][1])
         return {"eps": as_number(hp["eps"]) / math.sqrt(1 - beta2 ** (step + 1))}
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
+    def _update(self, group, hp, buckets, grad_scale, found_inf) -> None:
         if group["compat"] != "official":
-            return super()._update(group, hp, params, grad_scale, found_inf)
-        super()._update(group, {**hp, "weight_decay": 0.0}, params, grad_scale, found_inf)
+            return super()._update(group, hp, buckets, grad_scale, found_inf)
+        super()._update(group, {**hp, "weight_decay": 0.0}, buckets, grad_scale, found_inf)
         rate = hp["lr"] * hp["weight_decay"]
         if isinstance(rate, torch.Tensor) or rate != 0:  # decay after the update (none on a step GradScaler skips)
-            for p in params:
+            for p in (p for b in buckets for p in b.params):
                 skip = None if found_inf is None else found_inf.to(p.device, non_blocking=True)
                 p.mul_(1 - rate if skip is None else 1 - rate * (1 - skip))
 

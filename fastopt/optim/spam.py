@@ -105,15 +105,13 @@ class StableSPAM(_SpamBase):
                                         update_proj_gap=int(as_number(hp["update_proj_gap"])))
         return {"scale": s, "reset": float(reset)}
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        for device, backend, ps in self._buckets(params):
-            moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
-            scalars = lambda key: [self.state[p][key] for p in ps]  # noqa: E731
-            stable_spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
-                             scalars("step"), scalars("stats_step"), scalars("m_norm"), scalars("v_norm"),
-                             scalars("m_max"), gamma1=hp["gamma1"], gamma2=hp["gamma2"],
+    def _update(self, group, hp, buckets, grad_scale, found_inf) -> None:
+        for b in buckets:
+            stable_spam_step(b.params, b.grads(), b.moments("exp_avg", True), b.moments("exp_avg_sq", False),
+                             b.states("step"), b.states("stats_step"), b.states("m_norm"), b.states("v_norm"),
+                             b.states("m_max"), gamma1=hp["gamma1"], gamma2=hp["gamma2"],
                              gamma3=hp["gamma3"], scale=hp["scale"], reset=hp["reset"], compat=hp["compat"],
-                             backend=backend, **self._common(device, hp, grad_scale, found_inf))
+                             backend=b.backend, **self._common(b.device, hp, grad_scale, found_inf))
 
 
 class SPAM(_SpamBase):
@@ -162,13 +160,11 @@ class SPAM(_SpamBase):
                                        threshold=as_number(hp["threshold"]))
         return {"scale": s, "reset": float(reset), "clip": float(clip)}
 
-    def _update(self, group, hp, params, grad_scale, found_inf) -> None:
-        for device, backend, ps in self._buckets(params):
-            moments = lambda name, signed: [self._moment(p, group, name, signed) for p in ps]  # noqa: E731
-            spam_step(ps, [p.grad for p in ps], moments("exp_avg", True), moments("exp_avg_sq", False),
-                      [self.state[p]["step"] for p in ps], threshold=hp["threshold"], scale=hp["scale"],
-                      reset=hp["reset"], clip=hp["clip"],
-                      backend=backend, **self._common(device, hp, grad_scale, found_inf))
+    def _update(self, group, hp, buckets, grad_scale, found_inf) -> None:
+        for b in buckets:
+            spam_step(b.params, b.grads(), b.moments("exp_avg", True), b.moments("exp_avg_sq", False),
+                      b.states("step"), threshold=hp["threshold"], scale=hp["scale"], reset=hp["reset"],
+                      clip=hp["clip"], backend=b.backend, **self._common(b.device, hp, grad_scale, found_inf))
 
 
 __all__ = ["SPAM", "StableSPAM"]

@@ -128,9 +128,9 @@ def _cached(key, build) -> torch.Tensor:
 
 class Launch:
     """The table and block maps of multi-tensor launches over one group of tensors. ``rows`` holds, per tensor, its
-    columns (tensors, by data pointer, or ints: 0 for a column it lacks); the table adds its element count and, per
-    entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and ``programs[k]`` are that
-    granularity's block map and program count."""
+    columns (a column holds tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds its element
+    count and, per entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and ``programs[k]`` are
+    that granularity's block map and program count."""
 
     def __init__(self, rows: list[list], sizes: list[int], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
                  streams: int = 0):
@@ -139,11 +139,13 @@ class Launch:
         self.columns = (len(rows[0]) if rows else 0) + 1 + len(blocks)
         self.count = len(rows)
         self.programs = [sum(c) for c in counts]
-        pointers = [[x.data_ptr() if isinstance(x, torch.Tensor) else x for x in row] for row in rows]
+        # column by column (one map per column, not a Python step per entry): tensors by data pointer, ints as they are
+        pointers = [list(map(torch.Tensor.data_ptr, col)) if isinstance(col[0], torch.Tensor) else list(col)
+                    for col in zip(*rows)]
         # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
         # allocations are; a view may not be) lets the kernels use 128-bit accesses
-        self.aligned = all(v % 16 == 0 for row in pointers for v in row[:streams])
-        values = [v for t, row in enumerate(pointers) for v in (*row, sizes[t], *(f[t] for f in firsts))]
+        self.aligned = not any(map((15).__and__, itertools.chain(*pointers[:streams])))
+        values = list(itertools.chain.from_iterable(zip(*pointers, sizes, *firsts)))
         self.table = _cached((device, "table", self.columns, tuple(values)),
                              lambda: torch.tensor(values, dtype=torch.int64))
         self.maps = [_cached((device, "map", tuple(c)), lambda c=c: torch.repeat_interleave(

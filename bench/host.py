@@ -1,0 +1,97 @@
+"""Step time over many small tensors, where what a step costs per tensor outside the kernels shows and memory
+traffic does not:
+
+    python -m bench.host [--tensors 300] [--numel 256] [--rounds 200] [--threads N] [--out bench/results]
+
+Every contender steps the same ``--tensors`` fp32 tensors of ``--numel`` elements (their grads shared and never
+changed), one step per round in rotated order after warm-up; the table reports medians, and the time of one
+step over a single tensor of the same total size, for each contender, as the floor its kernels set. This is the
+Python and dispatch work a GPU step pays on the host too (a 7B LLaMA has 291 tensors).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastopt
+from bench.run import add_study_options, machine, parse_study_args, publish, rotated_rounds
+
+CONTENDERS = {
+    "fastopt AdamW": lambda ps: fastopt.AdamW(ps, lr=1e-3),
+    "fastopt AdamW 4-bit": lambda ps: fastopt.AdamW(ps, lr=1e-3, state_bits=4, min_quant_size=0),
+    "fastopt StableSPAM 4-bit": lambda ps: fastopt.StableSPAM(ps, lr=1e-3, state_bits=4, min_quant_size=0),
+    "fastopt SPAM": lambda ps: fastopt.SPAM(ps, lr=1e-3),
+    "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+}
+BASELINE = "torch AdamW (fused)"
+
+
+def steps(tensors: int, numel: int) -> dict:
+    """Each contender's step() over ``tensors`` tensors and over one tensor of the same total size."""
+    torch.manual_seed(0)
+    tasks = {}
+    for name, make in CONTENDERS.items():
+        for count, size, label in ((tensors, numel, name), (1, tensors * numel, f"{name} [1 tensor]")):
+            params = [torch.nn.Parameter(torch.randn(size) * 0.02) for _ in range(count)]
+            for p in params:
+                p.grad = torch.randn(size) * 1e-3
+            tasks[label] = make(params).step
+    return tasks
+
+
+def run(tensors: int, numel: int, rounds: int, warmup: int) -> dict:
+    tasks = steps(tensors, numel)
+    for step in tasks.values():
+        for _ in range(warmup):
+            step()
+
+    def timed(step) -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+    times = rotated_rounds(tasks, range(rounds), timed)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = [{"optimizer": name, "us_per_step": median[name] * 1e6,
+             "us_per_tensor": median[name] * 1e6 / tensors,
+             "vs_torch_fused": median[name] / median[BASELINE],
+             "one_tensor_us": median[f"{name} [1 tensor]"] * 1e6} for name in CONTENDERS]
+    return {"tensors": tensors, "numel": numel, "rounds": rounds, "warmup": warmup, "machine": machine(),
+            "rows": rows, "command": "python -m bench.host " + " ".join(sys.argv[1:])}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['tensors']} fp32 tensors of {result['numel']} elements, median of {result['rounds']} rotated "
+             f"rounds; {result['machine']['cpu']}, {result['machine']['threads']} threads", "",
+             "| optimizer | µs/step | vs torch fused | µs/tensor | one tensor of the same size: µs/step |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['optimizer']} | {r['us_per_step']:.0f} | {r['vs_torch_fused']:.2f}× | "
+                     f"{r['us_per_tensor']:.1f} | {r['one_tensor_us']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tensors", type=int, default=300)
+    parser.add_argument("--numel", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=5)
+    add_study_options(parser, "host.json and host.md", "host")
+    args = parse_study_args(parser, argv)
+    result = run(args.tensors, args.numel, args.rounds, args.warmup)
+    text = table(result) + f"\n\nCommand: `{result['command']}`"
+    print(text)
+    publish(Path(args.out), "host", result, text, args.readme)
+    print(f"\nwrote {args.out}/host.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
