@@ -32,7 +32,7 @@ OLDEST_TESTS := tests/test_ext.py tests/test_wheel.py::test_wheel_runs_every_sta
 # path's tests, compiled on the GPU, then the GPU benchmark; results into $(GPU_CHECK_OUT) (bench/gpu_check.py).
 GPU_CHECK_OUT ?= bench/results/gpu
 
-.PHONY: test bench bench-galore bench-kernels build deps aot wheel clean convergence sanitize test-oldest gpu-check
+.PHONY: test bench bench-galore bench-host bench-kernels build deps aot wheel clean convergence sanitize test-oldest gpu-check
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -44,6 +44,10 @@ bench: $(BUILT) $(BENCH_DEPS)
 # GaLore: refresh (SVD vs randomized) and step time against galore-torch; writes bench/results/galore.{json,md}.
 bench-galore: $(BUILT)
 	$(PY) -m bench.galore --readme README.md $(GALORE_ARGS)
+
+# Step time over 300 small tensors: what a step costs outside its kernels, against torch (bench/results/host.*).
+bench-host: $(BUILT)
+	$(PY) -m bench.host --readme README.md $(HOST_ARGS)
 
 # Compute cost per element of each CPU kernel on L2-resident data (no memory-bandwidth noise).
 bench-kernels: $(BUILT)
