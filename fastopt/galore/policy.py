@@ -105,15 +105,16 @@ def _seed(position: int, step: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def projectors(p: torch.Tensor, state: dict, group: dict, cache: dict) -> proj.Projectors:
-    """The projectors in use: from the state, or regenerated from ``proj_seed`` (cached per param and seed)."""
+def projectors(p: torch.Tensor, state: dict, group: dict, cache: dict, position: int) -> proj.Projectors:
+    """The projectors in use: from the state, or regenerated from ``proj_seed`` (cached per param position and
+    seed)."""
     if group["refresh"] != "random":
         return state.get("proj_left"), state.get("proj_right")
     seed = int(state["proj_seed"])
-    hit = cache.get(p)
+    hit = cache.get(position)
     if hit is None or hit[0] != seed:
         keep = proj.sides(p.shape, group["proj_type"])
-        hit = cache[p] = (seed, proj.random_projectors(tuple(p.shape), group["rank"], keep, seed, p.device, p.dtype))
+        hit = cache[position] = (seed, proj.random_projectors(tuple(p.shape), group["rank"], keep, seed, p.device, p.dtype))
     return hit[1]
 
 
@@ -131,10 +132,10 @@ def refresh(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, posit
     keep = proj.sides(p.shape, group["proj_type"])
     step = int(state["proj_step"])
     if group["refresh"] == "random":
-        old = projectors(p, state, group, cache) if step > 0 else (None, None)
+        old = projectors(p, state, group, cache, position) if step > 0 else (None, None)
         state["proj_seed"].fill_(_seed(position, step))
-        return Refresh(old, projectors(p, state, group, cache), True)
-    old = projectors(p, state, group, cache)  # zeros before the first refresh
+        return Refresh(old, projectors(p, state, group, cache, position), True)
+    old = projectors(p, state, group, cache, position)  # zeros before the first refresh
     finite = torch.isfinite(grad).all()
     if rows is not None:  # every rank takes the same decision
         finite = rows.sum((~finite).to(torch.float32)) == 0

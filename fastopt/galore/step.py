@@ -6,7 +6,9 @@ state is the param's state (the low-rank moments), with weight decay 0 — and a
 (−lr·N) back into the param with one addmm, scaled by α, the weight decay folded in where the optimizer applies
 it. So every optimizer, backend and state format works on the low-rank moments unchanged.
 
-The optimizer is reached through the narrow :class:`Host` interface only.
+The optimizer is reached through the narrow :class:`Host` interface only, and the params' grads, state dicts and
+positions come as arguments: a compiled step() runs this same code inside an opaque op, on the tensors the op was
+given (fastopt/ops/library.py, ``galore_step``).
 """
 from __future__ import annotations
 
@@ -26,17 +28,15 @@ class Host(Protocol):
 
     state: dict
 
-    def _position(self, p: torch.Tensor) -> int:
-        """p's position among all params in group order (places staggered refreshes and seeds random ones)."""
-
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
         """The optimizer's own step of ``shadow`` (its grad and state set), with ``hp`` as given."""
 
     def _moment_like(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """An empty tensor shaped (and sharded) as ``p``'s low-rank moments."""
 
-    def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
-        """(moment as the ops take it: a tensor or quant.Quantized, signed) for each of ``p``'s (low-rank) moments."""
+    def _stored_moments(self, p: torch.Tensor, group: dict, state: dict) -> list[tuple[Any, bool]]:
+        """(moment as the ops take it: a tensor or quant.Quantized, signed) for each of ``p``'s (low-rank) moments in
+        ``state``."""
 
     def _galore_weight_decay(self, group: dict, hp: dict) -> tuple[str, float | torch.Tensor]:
         """Where the decay goes: ("before", rate) p ← p·(1 − rate) before the update; ("after", rate) after it;
@@ -48,36 +48,37 @@ class GaLoreStepper:
     and two reused low-rank buffers per shape (no allocation, no page faults per step)."""
 
     def __init__(self) -> None:
-        self.cache: dict = {}    # param -> (seed, projectors) of refresh="random"; ("rows", param) -> this rank's rows
+        self.cache: dict = {}    # position -> (seed, projectors) of refresh="random"; ("rows", position) -> its rows
         self.buffers: dict = {}  # (role, shape, dtype, device) -> buffer
 
     def clear(self) -> None:
         """Forget the regenerated projectors (after loading a state_dict: the seeds may have changed)."""
         self.cache.clear()
 
-    def step(self, host: Host, group: dict, hp: dict, params: list[torch.Tensor]) -> None:
+    def step(self, host: Host, group: dict, hp: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+             states: list[dict], positions: list[int]) -> None:
+        """One step of ``params`` with ``grads``, their state dicts and their positions among all params in group
+        order (positions place staggered refreshes and seed random ones, and key the regenerated projectors)."""
         gap = policy.gap_of(hp)
         rule, rate = host._galore_weight_decay(group, hp)
         l2 = rule == "l2" and not _is_zero(rate)
         shadow_hp = {**hp, "weight_decay": 0.0}
-        for p in params:
-            state = host.state[p]
+        for p, grad, state, position in zip(params, grads, states, positions):
             step = int(state["proj_step"])
-            position = host._position(p)
             advance = True
             if policy.refresh_due(step, gap, position, group["stagger"]):
-                grad = p.grad + rate * p if l2 else p.grad  # the gradient Adam's coupled decay sees
-                change = self._refresh(p, grad, state, group, position)
+                seen = grad + rate * p if l2 else grad  # the gradient Adam's coupled decay sees
+                change = self._refresh(p, seen, state, group, position)
                 advance = change is not None  # a skipped refresh (non-finite gradient) is retried next step
                 if change is not None and step > 0:
                     self._carry_moments(host, p, group, state, change)
-            left, right = self._local_projectors(p, state, group)
+            left, right = self._local_projectors(p, state, group, position)
             shape = proj.projected_shape(tuple(p.shape), group["rank"], group["proj_type"])
             # a sharded param's R: sharded as its rows for a right projection, else whole on every rank
             like = host._moment_like(p, group) if sharding.is_sharded(p) else None
             local_shape = shape if like is None else tuple(sharding.local(like).shape)
             ranks = sharding.shard_group(p)  # the ranks holding p's other rows (None: p is whole here)
-            low = _project(sharding.local(p.grad), left, right, ranks, out=self._scratch("low", local_shape, p))
+            low = _project(sharding.local(grad), left, right, ranks, out=self._scratch("low", local_shape, p))
             if l2:
                 low.add_(_project(sharding.local(p), left, right, ranks) * rate)
             shadow = self._scratch("shadow", local_shape, p).zero_()
@@ -116,13 +117,13 @@ class GaLoreStepper:
             state["proj_right"] = whole["proj_right"]
         return change
 
-    def _local_projectors(self, p: torch.Tensor, state: dict, group: dict) -> proj.Projectors:
+    def _local_projectors(self, p: torch.Tensor, state: dict, group: dict, position: int) -> proj.Projectors:
         """The projectors as this rank applies them: a sharded param's left projector by its own rows (the right one
         is whole on every rank)."""
-        left, right = policy.projectors(p, state, group, self.cache)
+        left, right = policy.projectors(p, state, group, self.cache, position)
         if left is None or not sharding.is_sharded(p) or sharding.is_sharded(left):
             return sharding.local(left), right
-        key = ("rows", p)  # a regenerated random projector: its rows, cut once per seed
+        key = ("rows", position)  # a regenerated random projector: its rows, cut once per seed
         hit = self.cache.get(key)
         if hit is None or hit[0] is not left:
             hit = self.cache[key] = (left, sharding.local(sharding.distribute_like(left, p)))
@@ -144,7 +145,7 @@ class GaLoreStepper:
         policy_name = group["moments"]
         if policy_name == "keep":
             return
-        moments = [(sharding.local_moment(m), signed) for m, signed in host._stored_moments(p, group)]
+        moments = [(sharding.local_moment(m), signed) for m, signed in host._stored_moments(p, group, state)]
         if policy_name == "reset":  # on a device, "changed" is a 0-d bool tensor: zero by multiplying, no host read
             unchanged = None if change.changed is True else ~change.changed
             tensors = [state["step"]]

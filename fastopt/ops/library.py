@@ -22,6 +22,9 @@ across the shards of sharded params before its step op takes them as ``grad_stat
 
 ``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
 a compiled ``step()`` calls back into Python for it at every step instead of baking its values into the graph.
+``galore_step`` does the same for a group's GaLore params: its refreshes are decided on the host from counters, and
+its projections are matmuls that a compiler has nothing to fuse with, so the whole GaLore step is one opaque op that
+mutates the params and state tensors it is given (and nothing else).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ SCHEMAS = {
     "quantize_blockwise": "(Tensor x, Tensor map, int bits) -> (Tensor codes, Tensor scales)",
     "dequantize_blockwise": "(Tensor codes, Tensor scales, Tensor map, int bits, int n) -> Tensor",
     "host_values": "(Tensor step_count, int host, int n) -> Tensor",
+    "galore_step": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor step_count, int host, "
+                   "int group) -> ()",
 }
 HP_LAYOUTS = {
     "adam_step": ("lr", "beta1", "beta2", "eps", "weight_decay"),
@@ -69,7 +74,7 @@ def _no_outputs(*args, **kwargs) -> None:  # the step ops only mutate their argu
     return None
 
 
-for _name in STEP_OPS:
+for _name in (*STEP_OPS, "galore_step"):
     torch.library.register_fake(f"fastopt::{_name}", _no_outputs, lib=_library)
 
 
@@ -91,21 +96,26 @@ def _(codes, scales, map, bits, n):
 
 
 # ---- the host part of a step ---------------------------------------------------------------------------------
-_hosts: dict[int, Callable[[int], list[float]]] = {}
+_hosts: dict[int, tuple[weakref.ref, dict[str, Callable]]] = {}
 _host_ids = itertools.count()
 
 
-def register_host(owner: object, values: Callable[[object, int], list[float]]) -> int:
-    """Registers ``values(owner, step_count)`` (the floats an optimizer's step computes on the host) and returns the
-    id that ``host_values`` takes. The entry lives as long as ``owner``."""
+def register_host(owner: object, **callbacks: Callable) -> int:
+    """Registers an optimizer's host callbacks and returns the id that ``host_values`` and ``galore_step`` take:
+    ``values(owner, step_count) -> list[float]`` (the floats its step computes on the host) and
+    ``galore_step(owner, group, params, grads, state, step_count)``. The entry lives as long as ``owner``."""
     key = next(_host_ids)
-    ref = weakref.ref(owner, lambda _: _hosts.pop(key, None))
-    _hosts[key] = lambda step: values(ref(), step)
+    _hosts[key] = (weakref.ref(owner, lambda _: _hosts.pop(key, None)), callbacks)
     return key
 
 
+def _callback(host: int, name: str) -> Callable:
+    ref, callbacks = _hosts[host]
+    return lambda *args: callbacks[name](ref(), *args)
+
+
 def _host_values(step_count: torch.Tensor, host: int, n: int) -> torch.Tensor:
-    values = _hosts[host](int(step_count))
+    values = _callback(host, "values")(int(step_count))
     if len(values) != n:
         raise RuntimeError(f"fastopt.host_values: the optimizer's host part gave {len(values)} values, the compiled "
                            f"step expects {n} (its param groups changed after compiling?)")
@@ -113,6 +123,15 @@ def _host_values(step_count: torch.Tensor, host: int, n: int) -> torch.Tensor:
 
 
 _library.impl("host_values", _host_values, "CPU")
+
+
+def _galore_step(params, grads, state, step_count: torch.Tensor, host: int, group: int) -> None:
+    with torch.no_grad():  # an optimizer step, as the other step ops (whose kernels autograd never sees)
+        _callback(host, "galore_step")(group, params, grads, state, int(step_count))
+
+
+for _device in ("CPU", "CUDA"):
+    _library.impl("galore_step", _galore_step, _device)
 
 
 @torch.library.register_fake("fastopt::host_values", lib=_library)

@@ -91,7 +91,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # data instead of recompiling for each new value
         self._steps_taken = torch.zeros((), dtype=torch.int64)
         self._galore = GaLoreStepper()
-        self._host = library.register_host(self, FusedOptimizer._host_values)
+        self._host = library.register_host(self, values=FusedOptimizer._host_values,
+                                           galore_step=FusedOptimizer._galore_op_step)
         self._index: dict = {}  # param -> (group index, position among all params), kept by add_param_group
         self._plans: dict[int, StepPlan] = {}  # id(group) -> the group's step plan, kept while it holds
         super().__init__(params, defaults)
@@ -418,7 +419,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if plan.projected:
             if grad_scale is not None or found_inf is not None:  # GradScaler unscales for us (see the docstring)
                 raise RuntimeError(f"{self._name}: GaLore groups take unscaled gradients (grad_scale/found_inf given)")
-            self._galore.step(self, group, hp, plan.projected)
+            if torch.compiler.is_compiling():
+                self._compiled_galore_step(group, plan.projected)
+            else:
+                self._galore.step(self, group, hp, plan.projected, [p.grad for p in plan.projected],
+                                  [self.state[p] for p in plan.projected], [self._position(p) for p in plan.projected])
 
     def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
         """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group
@@ -463,12 +468,43 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _position(self, p: torch.Tensor) -> int:
         return self._locate(p)[1]
 
+    def _compiled_galore_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """A group's GaLore params inside a compiled step(): the opaque op fastopt::galore_step, given every tensor
+        of their state, calls back into ``_galore_op_step`` (the eager GaLore step) at run time."""
+        index = next(g for g, candidate in enumerate(self.param_groups) if candidate is group)
+        state = [self.state[p][key] for p in params for key in sorted(self.state[p])]
+        torch.ops.fastopt.galore_step(params, [p.grad for p in params], state, self._steps_taken, self._host, index)
+
+    def _galore_op_step(self, index: int, params: list[torch.Tensor], grads: list[torch.Tensor],
+                        state: list[torch.Tensor], step: int) -> None:
+        """fastopt::galore_step: the GaLore step of group ``index`` at step count ``step``, on the op's tensors (which
+        under torch.compile may be copies of the params and state): ``state`` holds each param's state values in its
+        state dict's order. A refresh that replaces a projector is written into the op's tensor in place, and the
+        state dicts keep their tensors. The op runs before a compiled step's first call has put the state it created
+        into ``self.state``: the keys come from the state's layout (``_init_state`` on a meta tensor), sorted."""
+        group = self.param_groups[index]
+        projected = [p for p in group["params"] if p.grad is not None and galore.is_projected(p, group)]
+        layouts = [sorted(self._init_state(torch.empty_like(p, device="meta"), group)) for p in projected]
+        if len(projected) != len(params) or len(state) != sum(map(len, layouts)):
+            raise RuntimeError(f"{self._name}: fastopt.galore_step was given {len(params)} params and {len(state)} "
+                               f"state tensors for group {index}, which has {len(projected)} GaLore params with grads "
+                               "(the optimizer changed after compiling?)")
+        values = iter(state)
+        states = [{key: next(values) for key in keys} for keys in layouts]
+        given = [dict(s) for s in states]
+        hp = self._group_hyperparameters(group, step)
+        self._galore.step(self, group, hp, params, grads, states, [self._position(p) for p in projected])
+        for now, before in zip(states, given):
+            for key, tensor in before.items():
+                if now[key] is not tensor:
+                    tensor.copy_(now[key])
+
     def _low_rank_step(self, group: dict, hp: dict, shadow: torch.Tensor) -> None:
         self._update(group, hp, self._buckets(group, [shadow]), None, None)
 
-    def _stored_moments(self, p: torch.Tensor, group: dict) -> list[tuple[Any, bool]]:
+    def _stored_moments(self, p: torch.Tensor, group: dict, state: dict) -> list[tuple[Any, bool]]:
         like = self._moment_like(p, group)  # the low-rank shape: sizes and storage follow it
-        return [(self._stored_moment(self.state[p], like, group, name, signed), signed)
+        return [(self._stored_moment(state, like, group, name, signed), signed)
                 for name, signed in self._moment_names(group)]
 
     def _backend_for(self, p: torch.Tensor) -> str:

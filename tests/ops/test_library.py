@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastopt
+
 from fastopt.ops import library
 from fastopt.quant import FORMATS, zeros
 
@@ -72,11 +74,41 @@ def test_host_values_op_calls_back_and_passes_opcheck():
             return [0.5 * step, 1.0]
 
     host = Host()
-    key = library.register_host(host, Host.values)
+    key = library.register_host(host, values=Host.values)
     assert torch.ops.fastopt.host_values(torch.tensor(4), key, 2).tolist() == [2.0, 1.0]
     torch.library.opcheck(torch.ops.fastopt.host_values.default, (torch.tensor(3), key, 2))
     with pytest.raises(RuntimeError, match=r"gave 2 values, the compiled step expects 3"):
         torch.ops.fastopt.host_values(torch.tensor(1), key, 3)
+
+
+@pytest.mark.parametrize("refresh", ["svd", "random"])
+def test_galore_step_op_steps_the_tensors_it_is_given_and_passes_opcheck(refresh):
+    """fastopt::galore_step mutates only the params and state tensors it is given (a refresh writes the new projector
+    into the given one) and equals the eager GaLore step, at a refresh and between refreshes."""
+    torch.manual_seed(0)
+    start = torch.randn(24, 16)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    eager, by_op = (fastopt.AdamW([{"params": [w], "rank": 4, "update_proj_gap": 2, "refresh": refresh}], lr=0.1)
+                    for w in weights)
+    for step in range(3):
+        grad = torch.randn(24, 16)
+        for w in weights:
+            w.grad = grad.clone()
+        eager.step()
+        if step == 0:  # the state exists after a first step
+            by_op.step()
+            continue
+        state = [by_op.state[weights[1]][key] for key in sorted(by_op.state[weights[1]])]
+        before = [t.clone() for t in state]
+        args = ([weights[1]], [weights[1].grad], state, by_op._steps_taken, by_op._host, 0)
+        torch.ops.fastopt.galore_step(*args)
+        by_op._steps_taken.add_(1)
+        assert torch.equal(weights[0], weights[1])
+        for key, value in eager.state[weights[0]].items():  # a refreshed projector too
+            assert torch.equal(value, by_op.state[weights[1]][key]), key
+        assert all(a is b for a, b in zip(state, [by_op.state[weights[1]][k] for k in sorted(by_op.state[weights[1]])]))
+        assert any(not torch.equal(a, b) for a, b in zip(state, before))
+        torch.library.opcheck(torch.ops.fastopt.galore_step.default, args)
 
 
 def test_ops_are_defined_at_import_with_their_fake_kernels():

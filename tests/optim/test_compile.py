@@ -118,19 +118,37 @@ def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
     assert ours <= max(2 * theirs, 1e-6), (ours, theirs)
 
 
-@pytest.mark.parametrize("cls", [fastopt.GaLoreAdamW, fastopt.SPAM], ids=lambda c: c.__name__)
-def test_galore_groups_compile_with_graph_breaks(cls):
-    """GaLore's refresh decisions are made on the host from its counters, so a GaLore group breaks the graph
-    (fullgraph=True is not supported for it); compiled without fullgraph it still gives the eager result, weight
-    decay (before the update for AdamW, after it for SPAM) included."""
+GALORE_CASES = [  # (optimizer, its options, the GaLore group's options, backend)
+    (fastopt.GaLoreAdamW, {}, {}, "aot_eager"),
+    (fastopt.SPAM, {}, {}, "aot_eager"),
+    (fastopt.AdamW, {"state_bits": 8, "min_quant_size": 0}, {"refresh": "random"}, "aot_eager"),
+    (fastopt.Adam, {"weight_decay": 0.1}, {"refresh": "randomized", "moments": "reproject"}, "aot_eager"),
+    (fastopt.StableSPAM, {"state_bits": 4, "min_quant_size": 0}, {"moments": "reset"}, "inductor"),
+]
+
+
+@pytest.mark.parametrize("cls,options,galore,backend", GALORE_CASES,
+                         ids=[f"{c[0].__name__}-{c[3]}-{'-'.join(map(str, c[2].values())) or 'svd'}"
+                              for c in GALORE_CASES])
+def test_galore_groups_compile_into_one_graph_equal_to_eager(cls, options, galore, backend):
+    """A GaLore group's step is one opaque op in the graph (fastopt::galore_step): fullgraph=True works, every
+    refresh (steps 0, 3 and 6 here) and the steps between give the eager result bit for bit, weight decay (before
+    the update for AdamW, after it for SPAM, in the gradient for Adam) included, and nothing recompiles."""
     nets = model(), model()
-    opts = [cls([{"params": [n[0].weight], "rank": 4, "update_proj_gap": 3},
-                 {"params": [n[0].bias, n[2].weight, n[2].bias]}], lr=1e-2, weight_decay=0.1) for n in nets]
-    data = batches(6)
+    options = {"weight_decay": 0.1, **options}
+    opts = [cls([{"params": [n[0].weight], "rank": 4, "update_proj_gap": 3, **galore},
+                 {"params": [n[0].bias, n[2].weight, n[2].bias]}], lr=1e-2, **options) for n in nets]
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    step = torch.compile(opts[1].step, fullgraph=True, backend=counter)
+    data = batches(8)
     run(nets[0], opts[0].step, data)
-    run(nets[1], torch.compile(opts[1].step, backend="aot_eager"), data)
+    run(nets[1], step, data[:3])
+    frames = counter.frame_count
+    run(nets[1], step, data[3:])
+    assert frames <= 2 and counter.frame_count == frames
     for p, q in zip(*(n.parameters() for n in nets)):
         assert torch.equal(p, q)
+    assert_same_state(*opts)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float64, None), (torch.float32, "triton")])
