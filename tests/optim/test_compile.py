@@ -120,16 +120,20 @@ def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
 
 GALORE_CASES = [  # (optimizer, its options, the GaLore group's options, backend)
     (fastopt.GaLoreAdamW, {}, {}, "aot_eager"),
-    (fastopt.SPAM, {}, {}, "aot_eager"),
+    (fastopt.SPAM, {"state_bits": 16}, {}, "aot_eager"),
+    (fastopt.StableSPAM, {"state_bits": 32}, {"refresh": "randomized"}, "aot_eager"),
     (fastopt.AdamW, {"state_bits": 8, "min_quant_size": 0}, {"refresh": "random"}, "aot_eager"),
     (fastopt.Adam, {"weight_decay": 0.1}, {"refresh": "randomized", "moments": "reproject"}, "aot_eager"),
     (fastopt.StableSPAM, {"state_bits": 4, "min_quant_size": 0}, {"moments": "reset"}, "inductor"),
 ]
 
 
-@pytest.mark.parametrize("cls,options,galore,backend", GALORE_CASES,
-                         ids=[f"{c[0].__name__}-{c[3]}-{'-'.join(map(str, c[2].values())) or 'svd'}"
-                              for c in GALORE_CASES])
+def galore_case_id(case) -> str:
+    cls, options, galore, backend = case
+    return f"{cls.__name__}-{options.get('state_bits')}-{backend}-{'-'.join(map(str, galore.values())) or 'svd'}"
+
+
+@pytest.mark.parametrize("cls,options,galore,backend", GALORE_CASES, ids=[galore_case_id(c) for c in GALORE_CASES])
 def test_galore_groups_compile_into_one_graph_equal_to_eager(cls, options, galore, backend):
     """A GaLore group's step is one opaque op in the graph (fastopt::galore_step): fullgraph=True works, every
     refresh (steps 0, 3 and 6 here) and the steps between give the eager result bit for bit, weight decay (before
