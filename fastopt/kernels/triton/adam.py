@@ -14,7 +14,6 @@ bf16 params and states 14; bf16 params, fp32 states 20; +2·state bytes with ams
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
