@@ -114,7 +114,8 @@ def projectors(p: torch.Tensor, state: dict, group: dict, cache: dict, position:
     hit = cache.get(position)
     if hit is None or hit[0] != seed:
         keep = proj.sides(p.shape, group["proj_type"])
-        hit = cache[position] = (seed, proj.random_projectors(tuple(p.shape), group["rank"], keep, seed, p.device, p.dtype))
+        projectors = proj.random_projectors(tuple(p.shape), group["rank"], keep, seed, p.device, p.dtype)
+        hit = cache[position] = (seed, projectors)
     return hit[1]
 
 

@@ -45,7 +45,7 @@ def local_lists(*lists: list) -> list[list]:
     """The op arguments as the kernels take them: DTensors, and Quantized moments whose codes and scales are DTensors,
     replaced by their local shards (quantized ones flat, as the kernels index them). Lists without a DTensor pass
     as they are."""
-    if not any(isinstance(x, DTensor) for x in lists[0]):
+    if not any_sharded(lists[0]):
         return list(lists)
     return [[local_moment(x) for x in xs] for xs in lists]
 

@@ -478,13 +478,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _galore_op_step(self, index: int, params: list[torch.Tensor], grads: list[torch.Tensor],
                         state: list[torch.Tensor], step: int) -> None:
         """fastopt::galore_step: the GaLore step of group ``index`` at step count ``step``, on the op's tensors (which
-        under torch.compile may be copies of the params and state): ``state`` holds each param's state values in its
-        state dict's order. A refresh that replaces a projector is written into the op's tensor in place, and the
-        state dicts keep their tensors. The op runs before a compiled step's first call has put the state it created
-        into ``self.state``: the keys come from the state's layout (``_init_state`` on a meta tensor), sorted."""
+        under torch.compile may be copies of the params and state): ``state`` holds each param's state values by
+        sorted key. The keys are its state dict's, or, on a compiled step's first call (the op runs before the state
+        the graph created is put into ``self.state``), its state layout's. A refresh that replaces a projector is
+        written into the op's tensor in place, and the state dicts keep their tensors."""
         group = self.param_groups[index]
         projected = [p for p in group["params"] if p.grad is not None and galore.is_projected(p, group)]
-        layouts = [sorted(self._init_state(torch.empty_like(p, device="meta"), group)) for p in projected]
+        layouts = [sorted(self.state.get(p) or checkpoint.state_layout(self, p, group)) for p in projected]
         if len(projected) != len(params) or len(state) != sum(map(len, layouts)):
             raise RuntimeError(f"{self._name}: fastopt.galore_step was given {len(params)} params and {len(state)} "
                                f"state tensors for group {index}, which has {len(projected)} GaLore params with grads "

@@ -108,7 +108,8 @@ def saved_step_count(state_dict: dict) -> int | None:
     return int(counts.pop()) if counts else None
 
 
-def _state_layout(opt, p: torch.Tensor, group: dict) -> dict:
+def state_layout(opt, p: torch.Tensor, group: dict) -> dict:
+    """The state ``p`` gets in ``group``, its moments on the meta device: its keys, dtypes and shapes."""
     return opt._init_state(torch.empty_like(p, device="meta"), group)
 
 
@@ -125,7 +126,7 @@ def _check_loaded_state(opt, p: torch.Tensor, group: dict, state: dict, index: i
         raise ValueError(f"{where} is for a parameter of shape {tuple(state['param_shape'].tolist())}, "
                          f"this one has shape {tuple(p.shape)}")
     like = opt._moment_like(p, group)
-    layout = _state_layout(opt, p, group)
+    layout = state_layout(opt, p, group)
     expected = set(layout) - {"param_shape"}
     moment_keys = set()
     for name, _ in opt._moment_names(group):
@@ -159,7 +160,7 @@ def _conform_state(opt, p: torch.Tensor, group: dict, state: dict) -> None:
     is gathered first) and then placed as the param."""
     moments = opt._moment_names(group)
     like = opt._moment_like(p, group)
-    layout = _state_layout(opt, p, group)
+    layout = state_layout(opt, p, group)
     for name, signed in moments:
         keys = [name] if name in layout else [f"{name}_codes", f"{name}_scales"]
         if all(k in state and _fits(state[k], layout[k]) for k in keys):
