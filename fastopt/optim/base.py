@@ -295,6 +295,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Check everything first, so that a bad value raises before anything is updated.
         if torch.compiler.is_compiling():
             hps = self._compiled_hyperparameters()
+            self._init_group()
         else:
             step = self._step_count
             hps = [self._group_hyperparameters(group, step) for group in self.param_groups]
@@ -425,6 +426,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._galore.step(self, group, hp, plan.projected, [p.grad for p in plan.projected],
                                   [self.state[p] for p in plan.projected], [self._position(p) for p in plan.projected])
 
+    def _init_group(self, group: dict | None = None) -> None:
+        """Creates the state of the params that have a grad and no state yet, in ``group`` or in every group.
+
+        torch.optim's optimizers have a method of this name, and torch.compile treats a call of it specially in every
+        torch.optim.Optimizer: it runs the call eagerly instead of tracing it, then guards each param and state tensor
+        by identity alone and holds it in the graph as a constant. A compiled step() calls it once, for every group,
+        before it reads any state: the state is then created outside the graph, the first call compiles the steady
+        step, and a step checks its tensors by id instead of by shape and stride."""
+        for group in self.param_groups if group is None else [group]:
+            for p in group["params"]:
+                if p.grad is not None and not self.state[p]:
+                    self.state[p].update(self._init_state(p, group))
+
     def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
         """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group
         and reuses it while it holds; a compiled step() builds it as it traces (the optimizer is not mutated)."""
@@ -479,12 +493,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state: list[torch.Tensor], step: int) -> None:
         """fastopt::galore_step: the GaLore step of group ``index`` at step count ``step``, on the op's tensors (which
         under torch.compile may be copies of the params and state): ``state`` holds each param's state values by
-        sorted key. The keys are its state dict's, or, on a compiled step's first call (the op runs before the state
-        the graph created is put into ``self.state``), its state layout's. A refresh that replaces a projector is
-        written into the op's tensor in place, and the state dicts keep their tensors."""
+        the sorted keys of its state dict (a compiled step creates the state before its graph runs: _init_group). A
+        refresh that replaces a projector is written into the op's tensor in place, and the state dicts keep their
+        tensors."""
         group = self.param_groups[index]
         projected = [p for p in group["params"] if p.grad is not None and galore.is_projected(p, group)]
-        layouts = [sorted(self.state.get(p) or checkpoint.state_layout(self, p, group)) for p in projected]
+        layouts = [sorted(self.state[p]) for p in projected]
         if len(projected) != len(params) or len(state) != sum(map(len, layouts)):
             raise RuntimeError(f"{self._name}: fastopt.galore_step was given {len(params)} params and {len(state)} "
                                f"state tensors for group {index}, which has {len(projected)} GaLore params with grads "
