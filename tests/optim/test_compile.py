@@ -58,15 +58,16 @@ def test_compiled_step_is_one_graph_equal_to_eager_and_never_recompiles(case):
     assert compiled._step_count == eager._step_count == 12
 
 
-@pytest.mark.parametrize("lr,frames", [(0.01, 3), (torch.tensor(0.01), 1)], ids=["float lr", "tensor lr"])
+@pytest.mark.parametrize("lr,frames", [(0.01, 3), (torch.tensor(0.01), 1)],
+                         ids=["float lr", "tensor lr"])
 def test_lr_scheduler_drives_a_compiled_step_without_recompiling(lr, frames):
     """torch's compiled-optimizer recipe: an LRScheduler steps outside the compiled step. fastopt takes the lr as data
     whether the scheduler writes floats into the param groups or fills a tensor lr in place. (The scheduler wraps
     opt.step in a function that torch.compile does not trace, for torch.optim too: compiled without fullgraph, the
-    step inside it is one graph.) Frames: the wrapper's, then step()'s graph. Floats the scheduler changes (here the lr and
-    beta1) recompile once, at their first change, and never again: Dynamo guards every float in the param groups and
-    then makes a changed one dynamic (torch.optim.AdamW recompiles once for a float lr too, and at every step while
-    beta1 cycles). A tensor lr, beta1 left alone, never recompiles."""
+    step inside it is one graph.) Frames counted: step()'s graph, compiled once. Floats the scheduler changes (here
+    the lr and beta1) recompile it once, at their first change (with an empty frame besides), and never again: Dynamo
+    guards every float in the param groups and then makes a changed one dynamic (torch.optim.AdamW recompiles once
+    for a float lr too, and at every step while beta1 cycles). A tensor lr, beta1 left alone, never recompiles."""
     nets = model(), model()
     opts = [fastopt.AdamW(n.parameters(), lr=copy.deepcopy(lr), state_bits=4, min_quant_size=0) for n in nets]
     schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10,

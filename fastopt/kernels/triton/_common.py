@@ -16,6 +16,7 @@ numbers come as a CPU tensor, uploaded once per distinct set of values (``device
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import OrderedDict
 
 import torch
@@ -126,22 +127,48 @@ def _cached(key, build) -> torch.Tensor:
     return entry[0]
 
 
-class Launch:
-    """The table and block maps of multi-tensor launches over one group of tensors. ``rows`` holds, per tensor, its
-    columns (a column holds tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds its element
-    count and, per entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and ``programs[k]`` are
-    that granularity's block map and program count."""
+_dtype = operator.attrgetter("dtype")
 
-    def __init__(self, rows: list[list], sizes: list[int], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
+
+def by_dtypes(params: list[torch.Tensor], moments: list[torch.Tensor]) -> list[list[int] | None]:
+    """Tensor indices grouped by (param dtype, moment dtype), one launch each: ``[None]`` when all tensors share them
+    (the usual case, found without a Python step per tensor)."""
+    kinds = list(zip(map(_dtype, params), map(_dtype, moments)))
+    if kinds.count(kinds[0]) == len(kinds):
+        return [None]
+    groups: dict[tuple, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        groups.setdefault(kind, []).append(i)
+    return list(groups.values())
+
+
+def pick(values: list, idx: list[int] | None, count: int) -> list:
+    """Entries ``idx`` of a column of ``count`` (all of them for None); an empty column (a list the op was not given)
+    gives zeros, the table's "absent"."""
+    if not values:
+        return [0] * (count if idx is None else len(idx))
+    return values if idx is None else [values[i] for i in idx]
+
+
+class Launch:
+    """The table and block maps of multi-tensor launches over one group of tensors. ``columns`` holds the table's
+    columns, one entry per tensor (tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds each
+    tensor's element count and, per entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and
+    ``programs[k]`` are that granularity's block map and program count."""
+
+    def __init__(self, columns: list[list], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
                  streams: int = 0):
+        sizes = list(map(torch.Tensor.numel, columns[0]))
+        if any(len(values) != len(sizes) for values in columns):  # zip below would drop rows: a table to crash on
+            raise ValueError(f"Launch: columns of {list(map(len, columns))} entries; each needs one per tensor")
         counts = [[-(-n // block) for n in sizes] for block in blocks]
         firsts = [[0, *itertools.accumulate(c)][:-1] for c in counts]
-        self.columns = (len(rows[0]) if rows else 0) + 1 + len(blocks)
-        self.count = len(rows)
+        self.columns = len(columns) + 1 + len(blocks)
+        self.count = len(sizes)
         self.programs = [sum(c) for c in counts]
         # column by column (one map per column, not a Python step per entry): tensors by data pointer, ints as they are
-        pointers = [list(map(torch.Tensor.data_ptr, col)) if isinstance(col[0], torch.Tensor) else list(col)
-                    for col in zip(*rows)]
+        pointers = [list(map(torch.Tensor.data_ptr, col)) if col and isinstance(col[0], torch.Tensor) else col
+                    for col in columns]
         # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
         # allocations are; a view may not be) lets the kernels use 128-bit accesses
         self.aligned = not any(map((15).__and__, itertools.chain(*pointers[:streams])))

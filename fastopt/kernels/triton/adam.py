@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column, load,
-                                            program_tensor, store_rounded)
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, by_dtypes, column, device_hp,
+                                            f32_column, load, pick, program_tensor, store_rounded)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 
 # The table's columns (then the element count and the first program): pointers to the param, its grad, both moments
@@ -136,14 +136,6 @@ def adam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, 
                      NB, BLOCK, ALIGNED, False)
 
 
-def by_dtypes(params, exp_avgs) -> dict[tuple, list[int]]:
-    """Tensor indices grouped by (param dtype, moment dtype): one launch each."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, m) in enumerate(zip(params, exp_avgs)):
-        groups.setdefault((p.dtype, m.dtype), []).append(i)
-    return groups
-
-
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, steps,
               exp_avg_map, exp_avg_sq_map, bits, hp, *, decoupled, maximize, independent_decay, grad_scale=None,
               found_inf=None) -> None:
@@ -155,16 +147,16 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
     hp = device_hp(hp, device)
     amsgrad = len(max_exp_avg_sqs) > 0
     any_ptr = hp  # stands in for the pointers a mode does not read
-    for idx in by_dtypes(params, exp_avgs).values():
-        rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], exp_avg_scales[i] if bits else 0,
-                 exp_avg_sq_scales[i] if bits else 0, max_exp_avg_sqs[i] if amsgrad else 0, steps[i]] for i in idx]
-        launch = Launch(rows, [params[i].numel() for i in idx], device, streams=VMAX.value + 1)
+    for idx in by_dtypes(params, exp_avgs):
+        scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
+        columns = [pick(values, idx, len(params))
+                   for values in (params, grads, exp_avgs, exp_avg_sqs, *scales, max_exp_avg_sqs, steps)]
+        launch = Launch(columns, device, streams=VMAX.value + 1)
         advance(launch, STEP, found_inf=found_inf)
         if not launch.programs[0]:
             continue
-        first = idx[0]
         adam_kernel[(launch.programs[0],)](
-            launch.table, launch.maps[0], params[first], exp_avgs[first],
+            launch.table, launch.maps[0], columns[0][0], columns[2][0],
             exp_avg_map if bits else any_ptr, exp_avg_sq_map if bits else any_ptr, hp,
             any_ptr if grad_scale is None else grad_scale, any_ptr if found_inf is None else found_inf,
             MAXIMIZE=maximize, DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad,

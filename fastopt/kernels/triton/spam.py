@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column, load,
-                                            program_tensor, store_rounded)
-from fastopt.kernels.triton.adam import adam_moments, adam_param, by_dtypes, one_minus_power, step_scalars
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, by_dtypes, column, device_hp,
+                                            f32_column, load, pick, program_tensor, store_rounded)
+from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 
 PARTIAL_BLOCK = tl.constexpr(4096)  # gradient elements per workspace entry
@@ -312,12 +312,14 @@ def spam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, 
 
 # ---- launchers ------------------------------------------------------------------------------------------------------
 def _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, counters, bits, device):
-    """(first index, Launch) per group of tensors with the same dtypes (the table's layout: the columns above)."""
-    for idx in by_dtypes(params, exp_avgs).values():
-        rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], exp_avg_scales[i] if bits else 0,
-                 exp_avg_sq_scales[i] if bits else 0, *(c[i] if c else 0 for c in counters)] for i in idx]
-        yield idx[0], Launch(rows, [params[i].numel() for i in idx], device, blocks=(BLOCK, PARTIAL_BLOCK.value),
-                             streams=V_SCALES.value + 1)
+    """(a param, a moment, Launch) per group of tensors with the same dtypes (the table's layout: the columns above;
+    the param and moment give the kernels their element types)."""
+    for idx in by_dtypes(params, exp_avgs):
+        scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
+        columns = [pick(values, idx, len(params))
+                   for values in (params, grads, exp_avgs, exp_avg_sqs, *scales, *counters)]
+        yield columns[0][0], columns[2][0], Launch(columns, device, blocks=(BLOCK, PARTIAL_BLOCK.value),
+                                                   streams=V_SCALES.value + 1)
 
 
 def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, **modes) -> None:
@@ -348,8 +350,8 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
     has = dict(HAS_FOUND_INF=found_inf is not None, OFFICIAL=official, num_warps=NUM_WARPS)
     fi = hp if found_inf is None else found_inf
     counters = [steps, stats_steps, m_norms, v_norms, m_maxes]
-    for first, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, counters,
-                                 bits, device):
+    for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                                          counters, bits, device):
         advance(launch, STEP, STATS_STEP, found_inf)
         partials = launch.programs[1]
         work = torch.empty(4 * launch.count + 2 * partials, dtype=torch.float32, device=device)
@@ -357,7 +359,7 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
 
         def reduce(clipped: bool) -> None:
             if partials:
-                partials_kernel[(partials,)](launch.table, launch.maps[1], params[first],
+                partials_kernel[(partials,)](launch.table, launch.maps[1], p_like,
                                              hp if grad_scale is None else grad_scale, maxes, sums, work,
                                              HAS_GRAD_SCALE=grad_scale is not None, CLIPPED=clipped,
                                              BLOCK=PARTIAL_BLOCK, ALIGNED=launch.aligned, num_warps=NUM_WARPS)
@@ -377,7 +379,7 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
         reduce(True)
         total = whole(sums, "SUM") if reduced else hp
         adagn_kernel[(launch.count,)](launch.table, sums, total, work, fi, hp, REDUCED=reduced, R=STATS_BLOCK, **has)
-        _update(launch, params[first], exp_avgs[first], maps, work, hp, grad_scale, found_inf, bits, STABLE=True,
+        _update(launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, STABLE=True,
                 OFFICIAL=official)
 
 
@@ -390,8 +392,8 @@ def spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
     device = params[0].device
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
-    for first, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                                 [steps, [], [], [], []], bits, device):
+    for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                                          [steps, [], [], [], []], bits, device):
         advance(launch, STEP, found_inf=found_inf)
-        _update(launch, params[first], exp_avgs[first], maps, hp, hp, grad_scale, found_inf, bits, STABLE=False,
+        _update(launch, p_like, m_like, maps, hp, hp, grad_scale, found_inf, bits, STABLE=False,
                 OFFICIAL=False)
