@@ -295,7 +295,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Check everything first, so that a bad value raises before anything is updated.
         if torch.compiler.is_compiling():
             hps = self._compiled_hyperparameters()
-            self._init_group()
         else:
             step = self._step_count
             hps = [self._group_hyperparameters(group, step) for group in self.param_groups]
@@ -304,6 +303,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             self._check_grads(params, f"param_groups[{g}]['params']")
             work.append((group, hp, params))
+        if torch.compiler.is_compiling():
+            self._init_group()
         for group, hp, params in work:
             self._step_params(group, hp, params, grad_scale, found_inf, keep_plan=True)
         self._steps_taken.add_(1)
@@ -433,11 +434,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         torch.optim.Optimizer: it runs the call eagerly instead of tracing it, then guards each param and state tensor
         by identity alone and holds it in the graph as a constant. A compiled step() calls it once, for every group,
         before it reads any state: the state is then created outside the graph, the first call compiles the steady
-        step, and a step checks its tensors by id instead of by shape and stride."""
+        step, and a step checks its tensors by id instead of by shape and stride. The quantization maps the ops read
+        are made here too, for the same reason (a map made while tracing would recompile the next step)."""
         for group in self.param_groups if group is None else [group]:
             for p in group["params"]:
                 if p.grad is not None and not self.state[p]:
                     self.state[p].update(self._init_state(p, group))
+            for device in {p.device for p in group["params"]}:
+                for fmt in quant.FORMATS.values():
+                    fmt.table(device)
 
     def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
         """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group

@@ -84,17 +84,50 @@ def load_state_dict(opt, state_dict: dict, torch_load) -> None:
     groups = checked_groups(opt, state_dict)
     step_count = saved_step_count(state_dict)
     saved_state = state_dict["state"]
+    held, orders = dict(opt.state), [list(group) for group in opt.param_groups]
     torch_load({**state_dict, "param_groups": groups, "state": {}})
+    for group, order in zip(opt.param_groups, orders):  # keys in their old order, as a compiled step guards it
+        keys = [key for key in order if key in group] + [key for key in group if key not in order]
+        values = [group.pop(key) for key in keys]
+        group.update(zip(keys, values))
     opt._galore.clear()
     for saved, group in zip(groups, opt.param_groups):
         for saved_id, p in zip(saved["params"], group["params"]):
             if saved_id in saved_state:
                 opt.state[p] = dict(saved_state[saved_id])
                 _conform_state(opt, p, group, opt.state[p])
+    _refill(opt, held)
     if step_count is None:  # a torch checkpoint: take the step count from the per-tensor steps
         steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
         step_count = int(max(steps)) if steps else 0
     opt._step_count = int(step_count)
+
+
+def _refill(opt, held: dict) -> None:
+    """Where a param's loaded state has the keys of the state it ``held`` before loading, and each value is a plain
+    tensor of the held one's dtype, shape and device, the loaded values are copied into the held tensors and the state
+    keeps those: a compiled step holds the state tensors in its graph, guarded by identity (FusedOptimizer._init_group),
+    so it keeps its graph across load_state_dict instead of compiling another one that holds another copy of the
+    state. Values that share memory with a held tensor (a state_dict of this optimizer, its states reordered) are
+    cloned before anything is copied."""
+    refills = [(p, before, opt.state[p]) for p, before in held.items() if _refillable(before, opt.state.get(p))]
+    held_memory = {t.untyped_storage().data_ptr() for _, before, _ in refills for t in before.values()}
+    sources = [{key: value.clone() if value.untyped_storage().data_ptr() in held_memory else value
+                for key, value in after.items() if value is not before[key]} for _, before, after in refills]
+    for (p, before, _), values in zip(refills, sources):
+        for key, value in values.items():
+            before[key].copy_(value)
+        opt.state[p] = before
+
+
+def _refillable(held: dict, loaded: dict | None) -> bool:
+    return bool(loaded) and loaded.keys() == held.keys() and all(map(_same_plain_tensor, held.values(),
+                                                                     map(loaded.get, held)))
+
+
+def _same_plain_tensor(a: Any, b: Any) -> bool:
+    return (type(a) is torch.Tensor and type(b) is torch.Tensor
+            and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device))
 
 
 def saved_step_count(state_dict: dict) -> int | None:

@@ -1,6 +1,7 @@
 """torch.compile of fastopt's step(): one graph (fullgraph=True) for every optimizer and state format on the CPU
-path, the eager result bit for bit (the same C++ kernels run), and no recompiles when the lr changes every step,
-be it a schedule, a float set by an LRScheduler, or a tensor an LRScheduler fills. The recipe is in the README."""
+path, compiled once, the eager result bit for bit (the same C++ kernels run); no recompiles when a schedule or a
+tensor lr that an LRScheduler fills changes the lr every step, one when an LRScheduler first changes a float; the
+graph kept across load_state_dict. The recipe is in the README."""
 import copy
 
 import pytest
@@ -60,7 +61,7 @@ def test_compiled_step_is_one_graph_equal_to_eager_and_never_recompiles(case):
 
 @pytest.mark.parametrize("lr,frames", [(0.01, 3), (torch.tensor(0.01), 1)],
                          ids=["float lr", "tensor lr"])
-def test_lr_scheduler_drives_a_compiled_step_without_recompiling(lr, frames):
+def test_lr_scheduler_drives_a_compiled_step(lr, frames):
     """torch's compiled-optimizer recipe: an LRScheduler steps outside the compiled step. fastopt takes the lr as data
     whether the scheduler writes floats into the param groups or fills a tensor lr in place. (The scheduler wraps
     opt.step in a function that torch.compile does not trace, for torch.optim too: compiled without fullgraph, the
@@ -84,25 +85,49 @@ def test_lr_scheduler_drives_a_compiled_step_without_recompiling(lr, frames):
 
 
 @pytest.mark.parametrize("state_bits", [32, 4])
-def test_state_replaced_between_compiled_steps_is_the_state_used(state_bits):
-    """A compiled step holds the state tensors in its graph, guarded by identity: after load_state_dict (new
-    tensors) it recompiles and updates the loaded state, not the tensors it held before; so a resumed compiled run
-    repeats the original one bit for bit."""
+def test_compiled_run_resumed_from_a_state_dict_repeats_itself(state_bits):
+    """A compiled step holds the state tensors in its graph, guarded by identity. load_state_dict copies the loaded
+    values into those tensors, so the graph is kept (one frame) and steps the loaded state; state tensors replaced by
+    hand recompile it, and are the state stepped. Either way a resumed compiled run repeats the original one bit for bit."""
     net = model()
     opt = fastopt.StableSPAM([{"params": [net[0].weight], "rank": 4, "update_proj_gap": 2},
                               {"params": [net[0].bias, net[2].weight, net[2].bias]}],
                              lr=1e-2, state_bits=state_bits, min_quant_size=0)
-    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, fullgraph=True, backend=counter)
     data = batches(6)
     run(net, step, data[:3])
     saved_params, saved_state = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
     run(net, step, data[3:])
     first = copy.deepcopy(net.state_dict())
-    net.load_state_dict(saved_params)
-    opt.load_state_dict(saved_state)
-    run(net, step, data[3:])
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, first[key]), key
+    for reload in ("load_state_dict", "new tensors"):
+        net.load_state_dict(saved_params)
+        opt.load_state_dict(saved_state)
+        if reload == "new tensors":
+            for state in opt.state.values():
+                state.update({key: value.clone() for key, value in state.items()})
+        run(net, step, data[3:])
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, first[key]), (reload, key)
+        assert counter.frame_count == (1 if reload == "load_state_dict" else 2)
+
+
+def test_load_state_dict_of_its_own_reordered_states():
+    """load_state_dict copies loaded values into the state tensors it holds; when the values are this optimizer's
+    own tensors in another order (a state_dict it returned, two same-shaped params' states swapped), no copy may
+    overwrite a value another copy still reads."""
+    params = [torch.nn.Parameter(torch.randn(300)) for _ in range(2)]
+    opt = fastopt.AdamW(params, lr=1e-2)
+    for k in range(2):
+        params[k].grad = torch.randn(300)
+    opt.step()
+    before = [{key: value.clone() for key, value in opt.state[p].items()} for p in params]
+    state_dict = opt.state_dict()
+    state_dict["state"] = {0: state_dict["state"][1], 1: state_dict["state"][0]}
+    opt.load_state_dict(state_dict)
+    for p, want in zip(params, reversed(before)):
+        for key, value in want.items():
+            assert torch.equal(opt.state[p][key], value), key
 
 
 def test_inductor_compiles_the_step_into_the_same_result():
