@@ -427,8 +427,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._galore.step(self, group, hp, plan.projected, [p.grad for p in plan.projected],
                                   [self.state[p] for p in plan.projected], [self._position(p) for p in plan.projected])
 
-    def _init_group(self, group: dict | None = None) -> None:
-        """Creates the state of the params that have a grad and no state yet, in ``group`` or in every group.
+    def _init_group(self) -> None:
+        """Creates the state of the params that have a grad and no state yet, in every group.
 
         torch.optim's optimizers have a method of this name, and torch.compile treats a call of it specially in every
         torch.optim.Optimizer: it runs the call eagerly instead of tracing it, then guards each param and state tensor
@@ -436,13 +436,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         before it reads any state: the state is then created outside the graph, the first call compiles the steady
         step, and a step checks its tensors by id instead of by shape and stride. The quantization maps the ops read
         are made here too, for the same reason (a map made while tracing would recompile the next step)."""
-        for group in self.param_groups if group is None else [group]:
-            for p in group["params"]:
-                if p.grad is not None and not self.state[p]:
-                    self.state[p].update(self._init_state(p, group))
+        for group in self.param_groups:
+            self._init_states(group, [p for p in group["params"] if p.grad is not None])
             for device in {p.device for p in group["params"]}:
                 for fmt in quant.FORMATS.values():
                     fmt.table(device)
+
+    def _init_states(self, group: dict, params: list[torch.Tensor]) -> None:
+        """A fresh state (``_init_state``) for each of ``params`` that has none."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(self._init_state(p, group))
 
     def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
         """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group
@@ -451,9 +455,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plans.get(id(group)) if keep else None
         if plan is not None and plan.holds(self, group, params):
             return plan
-        for p in params:
-            if not self.state[p]:
-                self.state[p].update(self._init_state(p, group))
+        self._init_states(group, params)
         plan = StepPlan(self, group, params)
         if keep:
             plan.keep(self)

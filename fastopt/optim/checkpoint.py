@@ -59,6 +59,8 @@ def checked_groups(opt, state_dict: dict) -> list[dict]:
         group = {**{k: _unpack_schedule(v, mine.get(k), k, opt._name) for k, v in saved.items()
                     if k != STEP_COUNT_KEY},
                  **{k: mine[k] for k in STORAGE_OPTIONS if k in mine}}
+        # the keys in this group's order (a compiled step guards it), then any the state_dict adds
+        group = {**{k: group[k] for k in mine if k in group}, **group}
         opt._fill_missing_options(group)
         missing = sorted(set(opt.defaults) - set(group))
         if missing:
@@ -84,12 +86,8 @@ def load_state_dict(opt, state_dict: dict, torch_load) -> None:
     groups = checked_groups(opt, state_dict)
     step_count = saved_step_count(state_dict)
     saved_state = state_dict["state"]
-    held, orders = dict(opt.state), [list(group) for group in opt.param_groups]
+    held = dict(opt.state)
     torch_load({**state_dict, "param_groups": groups, "state": {}})
-    for group, order in zip(opt.param_groups, orders):  # keys in their old order, as a compiled step guards it
-        keys = [key for key in order if key in group] + [key for key in group if key not in order]
-        values = [group.pop(key) for key in keys]
-        group.update(zip(keys, values))
     opt._galore.clear()
     for saved, group in zip(groups, opt.param_groups):
         for saved_id, p in zip(saved["params"], group["params"]):
