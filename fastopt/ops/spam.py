@@ -183,7 +183,7 @@ def reduced_grad_stats(grads: list[torch.Tensor], counters: list[torch.Tensor], 
     maxes = maxes.double()
     clip = adaclip_limits(maxes, counters, m_maxes, theta)
     sums = first[:, 1].clone()
-    clipped = [i for i in range(len(grads)) if not first[i, 0] <= clip[i, 0]]
+    clipped = (~(first[:, 0] <= clip[:, 0])).nonzero().flatten().tolist()  # NaN maxima included, as the kernels do
     if clipped:
         sums[clipped] = local_stats([grads[i] for i in clipped], clip[clipped].contiguous())[:, 1]
     all_reduce(sums, "SUM")
