@@ -143,6 +143,32 @@ def test_inductor_compiles_the_step_into_the_same_result():
     assert_same_state(*opts)
 
 
+def test_step_compiled_without_size_asserts_keeps_the_ops_checks():
+    """The README's recipe for a compiled step() alone, Inductor's size_asserts off: the eager result, and a param or
+    state tensor resized by hand behind the graph's back is still refused, by the op's own checks, with nothing
+    changed (the graph holds params and state by identity, so only those checks see the new size)."""
+    nets = model(), model()
+    opts = [fastopt.AdamW(n.parameters(), lr=1e-2, state_bits=4, min_quant_size=0) for n in nets]
+    step = torch.compile(opts[1].step, fullgraph=True, options={"size_asserts": False})
+    data = batches(4)
+    run(nets[0], opts[0].step, data)
+    run(nets[1], step, data)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(p, q)
+    assert_same_state(*opts)
+
+    p = next(nets[1].parameters())
+    before = [t.clone() for t in nets[1].parameters()]
+    p.data, p.grad = torch.zeros(p.numel() + 256), torch.ones(p.numel() + 256)
+    with pytest.raises(RuntimeError, match=r"exp_avg_codes\[0\] must be .* for \d+ elements at 4 bits"):
+        step()
+    p.data, p.grad = before[0].clone(), torch.ones_like(before[0])
+    opts[1].state[p]["exp_avg_scales"].data = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"exp_avg_scales\[0\] must be a contiguous float32 CPU tensor of \d+ blocks"):
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(before, nets[1].parameters()))
+
+
 def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
     """forward, backward, opt.step() and zero_grad() in one compiled function: the difference from eager is within
     what the same test gives for torch.optim.AdamW (the compiled forward and backward round differently)."""
