@@ -113,7 +113,9 @@ def held_back(enabled: bool = True):
 def run(preset: str, rounds: int, warmup: int, only: list[str] | None, verbose: bool = False) -> dict:
     shapes = llama_shapes(**PRESETS[preset])
     n = sum(torch.Size(s).numel() for s in shapes)
-    contenders = [c for c in CONTENDERS if c.available() and (not only or any(o in c.name for o in only))]
+    wanted = [c for c in CONTENDERS if not only or any(o in c.name for o in only)]
+    contenders = [c for c in wanted if c.available()]
+    not_installed = [c.name for c in wanted if c not in contenders]
     torch.manual_seed(0)
     grads = [torch.randn(s) * 1e-3 for s in shapes]
     # Contenders are built one after another and warmed up at once, so that the resident memory each one adds
@@ -158,7 +160,7 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None, verbose: 
                      "rss_added_mb": rss_added[c.name] / 2**20,
                      "ms_all_rounds": [x * 1e3 for x in times[c.name]]})
     return {"preset": preset, "params": n, "tensors": len(shapes), "rounds": rounds, "warmup": warmup,
-            "stream_gb_per_s": stream_gbs, "machine": machine(), "rows": rows,
+            "stream_gb_per_s": stream_gbs, "machine": machine(), "rows": rows, "not_installed": not_installed,
             "command": "python -m bench " + " ".join(sys.argv[1:])}
 
 
@@ -240,6 +242,9 @@ def main(argv=None) -> int:
     result = run(args.preset, args.rounds, args.warmup, only, args.verbose)
     text = table(result) + f"\n\nCommand: `{result['command']}`"
     print(text)
+    if result["not_installed"]:
+        print(f"\nnot installed, so not run: {', '.join(result['not_installed'])} (`make bench` installs them)",
+              file=sys.stderr)
     out = publish(Path(args.out), args.preset, result, text, args.readme)
     try:
         plot(result, out / f"{args.preset}.png")
