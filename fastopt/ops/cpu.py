@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+from array import array
 
 import torch
 
@@ -37,8 +38,17 @@ def _on_cpu_contiguous(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.is_contiguous()
 
 
+def _array(ctype, code: str, values: list[int]) -> ctypes.Array:
+    """``values`` as a ctypes array of ``ctype``. ctypes' own constructor converts each value separately; for long
+    lists an array.array (typecode ``code``) shared with ctypes costs a third of that (the ctypes array keeps it
+    alive), for short ones a little more."""
+    if len(values) < 32:
+        return (ctype * len(values))(*values)
+    return (ctype * len(values)).from_buffer(array(code, values))
+
+
 def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*map(torch.Tensor.data_ptr, tensors))
+    return _array(ctypes.c_void_p, "q", list(map(torch.Tensor.data_ptr, tensors)))
 
 
 # Per-tensor attributes read over whole lists (map runs them without a Python frame per tensor).
@@ -97,13 +107,15 @@ def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_
         _check_map(exp_avg_map, bits, op, "exp_avg_map")
         _check_map(exp_avg_sq_map, bits, op, "exp_avg_sq_map")
     numels = list(map(_numel, params))
-    param_dtypes = list(map(_DTYPES.get, map(_dtype, params)))
-    state_dtypes = [0] * n if bits else list(map(_DTYPES.get, map(_dtype, exp_avgs)))
+    param_types = list(map(_dtype, params))
+    state_types = [] if bits else list(map(_dtype, exp_avgs))
+    param_dtypes = list(map(_DTYPES.get, param_types))
+    state_dtypes = [0] * n if bits else list(map(_DTYPES.get, state_types))
     like_params = [grads] if bits else [grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if max_exp_avg_sqs else [])]
     ok = (None not in param_dtypes and None not in state_dtypes
           and _all_cpu_contiguous(params, *like_params)
           and all(list(map(_numel, xs)) == numels for xs in like_params)
-          and list(map(_dtype, grads)) == list(map(_dtype, params))
+          and list(map(_dtype, grads)) == param_types
           and all(_all_cpu(xs) and set(map(_dtype, xs)) == {torch.float32} and set(map(_numel, xs)) == {1}
                   for xs in counters.values() if xs))
     if ok and bits:
@@ -116,11 +128,12 @@ def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_
               and list(map(_numel, exp_avgs)) == nbytes and list(map(_numel, exp_avg_sqs)) == nbytes
               and list(map(_numel, exp_avg_scales)) == blocks and list(map(_numel, exp_avg_sq_scales)) == blocks)
     elif ok:
-        ok = all(list(map(_dtype, xs)) == list(map(_dtype, exp_avgs)) for xs in like_params[2:])
+        ok = all(list(map(_dtype, xs)) == state_types for xs in like_params[2:])
     if not ok:
         _explain(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, bits, counters,
                  max_exp_avg_sqs)
-    arrays = [(ctypes.c_int64 * n)(*numels), (ctypes.c_int32 * n)(*param_dtypes), (ctypes.c_int32 * n)(*state_dtypes),
+    arrays = [_array(ctypes.c_int64, "q", numels), _array(ctypes.c_int32, "i", param_dtypes),
+              _array(ctypes.c_int32, "i", state_dtypes),
               _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
     arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
     arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
@@ -222,8 +235,8 @@ def grad_stats(grads, clip, grad_scale) -> torch.Tensor:
         dtypes.append(_dtype_code(g, op, "grads"))
     out = torch.empty(n, 2, dtype=torch.float64)
     grad_mul, _ = _amp(grad_scale, None)
-    _call(_ext.library().fastopt_grad_stats, n, _pointers(grads), (ctypes.c_int64 * n)(*[g.numel() for g in grads]),
-          (ctypes.c_int32 * n)(*dtypes), clip.data_ptr() if clip is not None else None, grad_mul, out.data_ptr(),
+    _call(_ext.library().fastopt_grad_stats, n, _pointers(grads), _array(ctypes.c_int64, "q", list(map(_numel, grads))),
+          _array(ctypes.c_int32, "i", dtypes), clip.data_ptr() if clip is not None else None, grad_mul, out.data_ptr(),
           torch.get_num_threads())
     return out
 
