@@ -15,9 +15,11 @@ numbers come as a CPU tensor, uploaded once per distinct set of values (``device
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import triton
@@ -109,22 +111,24 @@ def advance_kernel(table_ptr, count, found_inf_ptr, COLUMNS: tl.constexpr, FIRST
 _tables: OrderedDict = OrderedDict()
 
 
-def _cached(key, build) -> torch.Tensor:
+def _cached(key, build) -> tuple[torch.Tensor, Any]:
+    """``build()`` gives a CPU tensor and what else its contents tell (None if nothing); both are cached by ``key``
+    (which starts with the device), the tensor uploaded to that device."""
     entry = _tables.get(key)
     if entry is None:
-        host = build()
+        host, info = build()
         device = key[0]
         if device.type == "cpu":
-            entry = (host, host)
+            entry = (host, host, info)
         else:  # pinned, so that the copy is asynchronous; kept with the result, which a copy in flight still reads
             host = host.pin_memory()
-            entry = (host.to(device, non_blocking=True), host)
+            entry = (host.to(device, non_blocking=True), host, info)
         _tables[key] = entry
         if len(_tables) > _CACHE_SIZE:
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-    return entry[0]
+    return entry[0], entry[2]
 
 
 _dtype = operator.attrgetter("dtype")
@@ -150,33 +154,44 @@ def pick(values: list, idx: list[int] | None, count: int) -> list:
     return values if idx is None else [values[i] for i in idx]
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _layout(sizes: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Per entry of ``blocks`` (elements per program): each tensor's program count and first program, and the total."""
+    counts = [[-(-n // block) for n in sizes] for block in blocks]
+    return counts, [[0, *itertools.accumulate(c)][:-1] for c in counts], [sum(c) for c in counts]
+
+
 class Launch:
     """The table and block maps of multi-tensor launches over one group of tensors. ``columns`` holds the table's
     columns, one entry per tensor (tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds each
     tensor's element count and, per entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and
-    ``programs[k]`` are that granularity's block map and program count."""
+    ``programs[k]`` are that granularity's block map and program count. A step reads its tensors' data pointers, one
+    column at a time, and finds the table by them: what the pointers and sizes determine (the table's other columns,
+    the block maps, whether the streamed tensors are aligned) is computed once, when a table is first built."""
 
     def __init__(self, columns: list[list], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
                  streams: int = 0):
-        sizes = list(map(torch.Tensor.numel, columns[0]))
+        sizes = tuple(map(torch.Tensor.numel, columns[0]))
         if any(len(values) != len(sizes) for values in columns):  # zip below would drop rows: a table to crash on
             raise ValueError(f"Launch: columns of {list(map(len, columns))} entries; each needs one per tensor")
-        counts = [[-(-n // block) for n in sizes] for block in blocks]
-        firsts = [[0, *itertools.accumulate(c)][:-1] for c in counts]
+        counts, firsts, self.programs = _layout(sizes, blocks)
         self.columns = len(columns) + 1 + len(blocks)
         self.count = len(sizes)
-        self.programs = [sum(c) for c in counts]
         # column by column (one map per column, not a Python step per entry): tensors by data pointer, ints as they are
-        pointers = [list(map(torch.Tensor.data_ptr, col)) if col and isinstance(col[0], torch.Tensor) else col
+        pointers = [tuple(map(torch.Tensor.data_ptr, col)) if col and isinstance(col[0], torch.Tensor) else tuple(col)
                     for col in columns]
-        # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
-        # allocations are; a view may not be) lets the kernels use 128-bit accesses
-        self.aligned = not any(map((15).__and__, itertools.chain(*pointers[:streams])))
-        values = list(itertools.chain.from_iterable(zip(*pointers, sizes, *firsts)))
-        self.table = _cached((device, "table", self.columns, tuple(values)),
-                             lambda: torch.tensor(values, dtype=torch.int64))
-        self.maps = [_cached((device, "map", tuple(c)), lambda c=c: torch.repeat_interleave(
-            torch.arange(len(c), dtype=torch.int32), torch.tensor(c, dtype=torch.int64))) for c in counts]
+
+        def build() -> tuple[torch.Tensor, bool]:
+            values = list(itertools.chain.from_iterable(zip(*pointers, sizes, *firsts)))
+            # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
+            # allocations are; a view may not be) lets the kernels use 128-bit accesses
+            aligned = not any(map((15).__and__, itertools.chain(*pointers[:streams])))
+            return torch.tensor(values, dtype=torch.int64), aligned
+
+        self.table, self.aligned = _cached((device, "table", blocks, streams, sizes, *pointers), build)
+        self.maps = [_cached((device, "map", block, sizes), lambda c=c: (torch.repeat_interleave(
+            torch.arange(len(c), dtype=torch.int32), torch.tensor(c, dtype=torch.int64)), None))[0]
+            for block, c in zip(blocks, counts)]
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:
@@ -192,4 +207,4 @@ def device_hp(hp: torch.Tensor, device: torch.device) -> torch.Tensor:
     if hp.device == device:
         return hp
     values = tuple(hp.tolist())  # a CPU tensor: reading it waits for nothing
-    return _cached((device, "hp", values), lambda: torch.tensor(values, dtype=torch.float64))
+    return _cached((device, "hp", values), lambda: (torch.tensor(values, dtype=torch.float64), None))[0]
