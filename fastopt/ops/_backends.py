@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from operator import is_
 
 import torch
 
@@ -57,10 +56,13 @@ def resolve(backend: str | None, device: torch.device) -> str:
 def run_contiguous(kernel, mutated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> None:
     """Calls ``kernel(*mutated, *read)`` on contiguous tensors (kernels index flat storage), copying any
     non-contiguous input first and writing mutated copies back. Contiguous tensors are passed as they are."""
-    fixed = [list(map(torch.Tensor.contiguous, ts)) for ts in mutated]
-    kernel(*fixed, *[list(map(torch.Tensor.contiguous, ts)) for ts in read])
+    def dense(ts: list[torch.Tensor]) -> list[torch.Tensor]:  # the list itself when all of it is contiguous
+        return ts if all(map(torch.Tensor.is_contiguous, ts)) else list(map(torch.Tensor.contiguous, ts))
+
+    fixed = list(map(dense, mutated))
+    kernel(*fixed, *map(dense, read))
     for originals, copies in zip(mutated, fixed):
-        if not all(map(is_, originals, copies)):
+        if copies is not originals:
             for t, c in zip(originals, copies):
                 if c is not t:
                     t.copy_(c)
