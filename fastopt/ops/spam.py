@@ -160,9 +160,10 @@ def _cpu_grad_stats(grad_scale):
 def adaclip_limits(maxes: torch.Tensor, counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
                    theta: float) -> torch.Tensor:
     """AdaClip's (threshold, thr/M) per tensor for this step, float32 (n, 2), from the tensors' max|g| (``maxes``)
-    and their statistics before the step (``counters``: u before its increment), as the kernels compute them."""
-    u = torch.stack(counters).double() + 1
-    m_max = (theta * torch.stack(m_maxes).double() + (1 - theta) * maxes).float().double()
+    and their statistics before the step (``counters``: u before its increment), as the kernels compute them. The
+    counters and maxima are one-element tensors (0-d in the optimizer's state; the ops take any shape of one)."""
+    u = torch.stack(counters).double().reshape(-1) + 1
+    m_max = (theta * torch.stack(m_maxes).double().reshape(-1) + (1 - theta) * maxes).float().double()
     thr = (m_max / (1 - theta ** u)).float()
     mul = torch.where(maxes > 0, thr.double() / torch.where(maxes > 0, maxes, 1.0), 1.0).float()
     return torch.stack([thr, mul], dim=1).contiguous()

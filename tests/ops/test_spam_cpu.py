@@ -141,3 +141,14 @@ def test_given_statistics_reproduce_the_ops_own_bit_for_bit(storage, compat):
         flat = lambda xs: [t for x in xs for t in ((x.codes, x.scales) if hasattr(x, "codes") else (x,))]  # noqa
         runs.append(params + flat(ms) + flat(vs) + [c for cs in counters for c in cs])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_adaclip_limits_take_counters_of_any_one_element_shape():
+    """The ops take one-element counters of any shape; AdaClip's limits for sharded params must too (a (1,) counter
+    once broadcast the limits to (n, 2, n), and no tensor was found to clip)."""
+    from fastopt.ops.spam import adaclip_limits
+
+    maxes = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    scalar = adaclip_limits(maxes, [torch.tensor(3.0)] * 3, [torch.tensor(0.5)] * 3, 0.999)
+    vector = adaclip_limits(maxes, [torch.tensor([3.0])] * 3, [torch.tensor([0.5])] * 3, 0.999)
+    assert scalar.shape == vector.shape == (3, 2) and torch.equal(scalar, vector)
