@@ -63,9 +63,9 @@ def deepspeed_cpu_adam(ps):
 
 
 def compiled_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
-    """The optimizer of ``make`` with its step() compiled as the README's recipe for a step compiled alone does it
-    (fullgraph, Inductor's size_asserts off: the op checks every tensor itself): it compiles in the warm-up steps,
-    then runs the same C++ kernels from one graph."""
+    """The optimizer of ``make`` with its step() compiled as the README's recipe for a step compiled alone on CPU
+    params does it (fullgraph, Inductor's size_asserts off: the op's CPU kernel checks every tensor itself): it
+    compiles in the warm-up steps, then runs the same C++ kernels from one graph."""
     def build(ps):
         opt = make(ps)
         opt.step = torch.compile(opt.step, fullgraph=True, options={"size_asserts": False})
@@ -77,7 +77,7 @@ CONTENDERS = [
     Contender("fastopt.AdamW", lambda ps: fastopt.AdamW(ps, **ADAMW), FP32_ADAM_BYTES),
     Contender("fastopt.AdamW 8-bit states", lambda ps: fastopt.AdamW(ps, state_bits=8, **ADAMW), low_bit_bytes(8)),
     Contender("fastopt.AdamW 4-bit states", lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW), low_bit_bytes(4)),
-    Contender("fastopt.AdamW 4-bit states, compiled step",
+    Contender("fastopt.AdamW 4-bit states, compiled step (size_asserts off)",
               compiled_step(lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW)), low_bit_bytes(4)),
     # Stable-SPAM reads g once more than Adam (max|g| and ‖g‖ in one reduction pass; the clipped norm re-reads only
     # the chunks that hold clipped entries, none in a step without spikes); SPAM moves exactly Adam's bytes.

@@ -31,7 +31,7 @@ def compiled(opt: torch.optim.Optimizer, fullgraph: bool = True, **options) -> t
 CONTENDERS = {
     "fastopt AdamW": lambda ps: fastopt.AdamW(ps, lr=1e-3),
     "fastopt AdamW, compiled step": lambda ps: compiled(fastopt.AdamW(ps, lr=1e-3)),
-    # the README's recipe for a step compiled alone: no per-input size check (the op checks its tensors itself)
+    # the README's recipe for a step compiled alone on CPU params: no per-input size check (the op checks them)
     "fastopt AdamW, compiled step, size_asserts off": lambda ps: compiled(fastopt.AdamW(ps, lr=1e-3),
                                                                          size_asserts=False),
     "fastopt AdamW 4-bit": lambda ps: fastopt.AdamW(ps, lr=1e-3, state_bits=4, min_quant_size=0),

@@ -144,9 +144,10 @@ def test_inductor_compiles_the_step_into_the_same_result():
 
 
 def test_step_compiled_without_size_asserts_keeps_the_ops_checks():
-    """The README's recipe for a compiled step() alone, Inductor's size_asserts off: the eager result, and a param or
-    state tensor resized by hand behind the graph's back is still refused, by the op's own checks, with nothing
-    changed (the graph holds params and state by identity, so only those checks see the new size)."""
+    """The README's recipe for a compiled step() alone on CPU params, Inductor's size_asserts off: the eager result,
+    and a param or state tensor resized by hand behind the graph's back is still refused, by the op's own checks, with
+    nothing changed. Dynamo guards params and state by identity only, so the same graph runs and only those checks
+    see the new size (with the asserts on, Inductor's would fail first)."""
     nets = model(), model()
     opts = [fastopt.AdamW(n.parameters(), lr=1e-2, state_bits=4, min_quant_size=0) for n in nets]
     step = torch.compile(opts[1].step, fullgraph=True, options={"size_asserts": False})
@@ -159,14 +160,19 @@ def test_step_compiled_without_size_asserts_keeps_the_ops_checks():
 
     p = next(nets[1].parameters())
     before = [t.clone() for t in nets[1].parameters()]
-    p.data, p.grad = torch.zeros(p.numel() + 256), torch.ones(p.numel() + 256)
-    with pytest.raises(RuntimeError, match=r"exp_avg_codes\[0\] must be .* for \d+ elements at 4 bits"):
+    state = [t.clone() for s in opts[1].state.values() for t in s.values()]
+    p.data = torch.zeros(p.numel() + 256)  # its grad keeps its shape: the grads' guards still hold
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has \d+ elements, params\[0\] has \d+"):
         step()
-    p.data, p.grad = before[0].clone(), torch.ones_like(before[0])
-    opts[1].state[p]["exp_avg_scales"].data = torch.zeros(1)
+    p.data = before[0].clone()
+    scales = opts[1].state[p]["exp_avg_scales"]
+    kept, scales.data = scales.data, torch.zeros(1)
     with pytest.raises(RuntimeError, match=r"exp_avg_scales\[0\] must be a contiguous float32 CPU tensor of \d+ blocks"):
         step()
+    scales.data = kept
     assert all(torch.equal(a, b) for a, b in zip(before, nets[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(state, (t for s in opts[1].state.values() for t in s.values())))
+    assert opts[1]._step_count == opts[0]._step_count
 
 
 def test_compiled_training_step_matches_eager_as_closely_as_torch_optim():
