@@ -132,8 +132,13 @@ print(tuple(codes.shape), tuple(scales.shape), tuple(out.shape))
     assert run.stdout.split("\n")[-2] == "(192,) (3,) (300,)"
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
 @pytest.mark.parametrize("op", library.STEP_OPS)
-def test_step_ops_refuse_bad_input_before_any_change(op):
+def test_step_ops_refuse_bad_input_before_any_change(op, kernel):
+    """Both kernels of each op (the CPU kernel through the op, the Triton launcher called as the op would call it on a
+    GPU) run the same checks (fastopt/ops/checks.py) before anything changes."""
+    run = getattr(torch.ops.fastopt, op) if kernel == "cpu" else library.triton_kernel(op)
+
     def call_with(**change):
         args, kwargs = step_args(op, "fp32", 100)
         args = list(args)
@@ -152,10 +157,13 @@ def test_step_ops_refuse_bad_input_before_any_change(op):
     cases.append(({f"a{hp_index}": torch.zeros(3, dtype=torch.float64)},
                   rf"hp must be a contiguous float64 CPU tensor of {len(HP[op])} values \({', '.join(library.HP_LAYOUTS[op])}\)"))
     cases.append(({f"a{hp_index}": lambda a: a[hp_index].float()}, r"hp must be a contiguous float64 CPU tensor"))
+    cases.append((dict(a2=lambda a: [a[2][0][:50], a[2][1]]), r"exp_avgs\[0\] has 50 elements, params\[0\] has 100"))
+    cases.append((dict(a3=lambda a: [a[3][0], torch.zeros(2 * a[3][1].numel())[::2]]),
+                  r"exp_avg_sqs\[1\] must be contiguous"))
     for change, message in cases:
         args, kwargs, before = call_with(**change)
         with pytest.raises(RuntimeError, match=message):
-            getattr(torch.ops.fastopt, op)(*args, **kwargs)
+            run(*args, **kwargs)
         after = [t for a in args if isinstance(a, list) for t in a]
         assert all(torch.equal(p, q) for p, q in zip(after, before))
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, by_dtypes, column, device_hp,
                                             f32_column, load, pick, program_tensor, store_rounded)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
+from fastopt.ops import checks
 
 # The table's columns (then the element count and the first program): pointers to the param, its grad, both moments
 # (float, or codes), both moments' scales (quantized), amsgrad's running max, the step count.
@@ -144,6 +145,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
     if not params:
         return
     device = params[0].device
+    checks.hyperparameters(hp, "adam_step", device)
+    checks.step_tensors("adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                        exp_avg_map, exp_avg_sq_map, bits, {"steps": steps}, max_exp_avg_sqs)
     hp = device_hp(hp, device)
     amsgrad = len(max_exp_avg_sqs) > 0
     any_ptr = hp  # stands in for the pointers a mode does not read

@@ -42,6 +42,7 @@ from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, b
                                             f32_column, load, pick, program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
+from fastopt.ops import checks
 
 PARTIAL_BLOCK = tl.constexpr(4096)  # gradient elements per workspace entry
 STATS_BLOCK = 1024    # workspace entries a stats program reads at once
@@ -345,11 +346,15 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
     if not params:
         return
     device = params[0].device
+    counters = [steps, stats_steps, m_norms, v_norms, m_maxes]
+    checks.hyperparameters(hp, "stable_spam_step", device)
+    checks.step_tensors("stable_spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                        exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
+                        dict(zip(("steps", "stats_steps", "m_norms", "v_norms", "m_maxes"), counters)))
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
     has = dict(HAS_FOUND_INF=found_inf is not None, OFFICIAL=official, num_warps=NUM_WARPS)
     fi = hp if found_inf is None else found_inf
-    counters = [steps, stats_steps, m_norms, v_norms, m_maxes]
     for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
                                           counters, bits, device):
         advance(launch, STEP, STATS_STEP, found_inf)
@@ -390,6 +395,9 @@ def spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
     if not params:
         return
     device = params[0].device
+    checks.hyperparameters(hp, "spam_step", device)
+    checks.step_tensors("spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                        exp_avg_map, exp_avg_sq_map, bits, {"steps": steps})
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
     for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
