@@ -55,6 +55,10 @@ def _all_on(device: torch.device, *lists, contiguous: bool = True) -> bool:
     return placed and (not contiguous or all(all(map(_contiguous, xs)) for xs in lists))
 
 
+def check_bits(bits: int, op: str) -> None:
+    check(bits in (4, 8), op, f"bits must be 4 or 8, got {bits}")
+
+
 def hyperparameters(hp: torch.Tensor, op: str, device: torch.device) -> None:
     """``hp``: the op's hyperparameters, a contiguous float64 tensor of its layout's length, on the CPU or on
     ``device`` (the C++ kernels read it on the CPU; the Triton kernels read it on their device, uploading a CPU one)."""

@@ -14,7 +14,7 @@ import torch
 
 from fastopt import _ext
 from fastopt.ops import checks
-from fastopt.ops.checks import BLOCKS, check as _check, check_map, check_quantized, dtype_code
+from fastopt.ops.checks import BLOCKS, check as _check, check_bits, check_map, check_quantized, dtype_code
 
 _CPU = torch.device("cpu")
 
@@ -127,13 +127,9 @@ def grad_stats(grads, clip, grad_scale) -> torch.Tensor:
     return out
 
 
-def _check_bits(bits: int, op: str) -> None:
-    _check(bits in (4, 8), op, f"bits must be 4 or 8, got {bits}")
-
-
 def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     op = "quantize_blockwise"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     check_map(table, bits, op, "map", _CPU)
     _check(x.device.type == "cpu" and x.dtype == torch.float32, op, "x must be a float32 CPU tensor")
     flat = x.contiguous().view(-1)
@@ -149,7 +145,7 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
                          n: int) -> torch.Tensor:
     op = "dequantize_blockwise"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     check_map(table, bits, op, "map", _CPU)
     check_quantized(codes, scales, n, bits, op, "x", 0, _CPU)
     out = torch.empty(n, dtype=torch.float32)

@@ -168,6 +168,28 @@ def test_step_ops_refuse_bad_input_before_any_change(op, kernel):
         assert all(torch.equal(p, q) for p, q in zip(after, before))
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+def test_codecs_refuse_bad_input(kernel):
+    """Both kernels of the codec ops check their arguments before they run."""
+    run = (lambda op: getattr(torch.ops.fastopt, op)) if kernel == "cpu" else library.triton_kernel
+    fmt = FORMATS[(4, True)]
+    x = torch.randn(300)
+    codes, scales = torch.ops.fastopt.quantize_blockwise(x, fmt.table(), 4)
+    cases = [
+        ("quantize_blockwise", (x, fmt.table(), 5), r"bits must be 4 or 8, got 5"),
+        ("quantize_blockwise", (x, torch.zeros(15), 4), r"map must be a contiguous float32 CPU tensor of 16 entries"),
+        ("quantize_blockwise", (x.double(), fmt.table(), 4), r"x must be a float32"),
+        ("dequantize_blockwise", (codes[:-1], scales, fmt.table(), 4, 300),
+         r"x_codes\[0\] must be a contiguous uint8 CPU tensor of 192 bytes for 300 elements at 4 bits"),
+        ("dequantize_blockwise", (codes, scales.double(), fmt.table(), 4, 300),
+         r"x_scales\[0\] must be a contiguous float32 CPU tensor of 3 blocks"),
+        ("dequantize_blockwise", (codes, scales, fmt.table(), 4, 400), r"x_codes\[0\] must be .* for 400 elements"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            run(op)(*args)
+
+
 def test_adam_op_refuses_amsgrad_with_quantized_moments():
     args, kwargs = step_args("adam_step", "4bit", 256)
     args = list(args)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from fastopt.kernels.triton._common import BLOCK, NUM_WARPS, load, store
+from fastopt.ops import checks
 
 
 def blocks_per_program(bits: int) -> int:
@@ -103,6 +104,10 @@ def dequantize_kernel(codes_ptr, scales_ptr, map_ptr, out_ptr, n, BITS: tl.const
 
 def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.fastopt.quantize_blockwise on Triton: (packed codes, per-block scales) of float32 ``x``."""
+    op = "quantize_blockwise"
+    checks.check_bits(bits, op)
+    checks.check_map(table, bits, op, "map", x.device)
+    checks.check(x.dtype == torch.float32, op, f"x must be a float32 tensor, got {x.dtype}")
     x = x.reshape(-1).contiguous()
     n, block = x.numel(), 128 if bits == 4 else 256
     blocks = triton.cdiv(n, block)
@@ -118,6 +123,10 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
                          n: int) -> torch.Tensor:
     """torch.ops.fastopt.dequantize_blockwise on Triton: the float32 values of ``n`` quantized elements."""
+    op = "dequantize_blockwise"
+    checks.check_bits(bits, op)
+    checks.check_map(table, bits, op, "map", codes.device)
+    checks.check_quantized(codes, scales, n, bits, op, "x", 0, codes.device)
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     block, nb = 128 if bits == 4 else 256, blocks_per_program(bits)
     if n:
