@@ -215,3 +215,23 @@ def test_grad_stats_passes_opcheck(n):
     args, kwargs = step_args("stable_spam_step", "4bit", n)
     kwargs["grad_stats"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastopt.stable_spam_step.default, args, kwargs)
+
+
+def test_step_checks_on_another_device():
+    """The checks' branch for devices other than the CPU (the Triton launchers on a GPU), run on meta tensors: a good
+    call passes, and a tensor left on the CPU is named."""
+    from fastopt.ops import checks
+
+    meta = torch.device("meta")
+    args, _ = step_args("adam_step", "4bit", 300)
+    params, grads, m_codes, v_codes, m_scales, v_scales, _, steps, m_map, v_map, bits, _ = [
+        [t.to(meta) for t in a] if isinstance(a, list) else a.to(meta) if isinstance(a, torch.Tensor) else a
+        for a in args]
+    call = lambda **change: checks.step_tensors(  # noqa: E731
+        "adam_step", meta, change.get("params", params), grads, m_codes, v_codes, m_scales, v_scales, m_map, v_map,
+        bits, {"steps": change.get("steps", steps)})
+    assert call()[0] == [300, 303]
+    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 meta scalar tensor"):
+        call(steps=[steps[0], torch.zeros(())])
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be a contiguous meta tensor"):
+        call(params=[torch.zeros(300), params[1]])
