@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 from collections import OrderedDict
 from typing import Any
 
@@ -131,13 +130,10 @@ def _cached(key, build) -> tuple[torch.Tensor, Any]:
     return entry[0], entry[2]
 
 
-_dtype = operator.attrgetter("dtype")
-
-
-def by_dtypes(params: list[torch.Tensor], moments: list[torch.Tensor]) -> list[list[int] | None]:
+def _by_dtypes(param_dtypes: list[int], state_dtypes: list[int]) -> list[list[int] | None]:
     """Tensor indices grouped by (param dtype, moment dtype), one launch each: ``[None]`` when all tensors share them
     (the usual case, found without a Python step per tensor)."""
-    kinds = list(zip(map(_dtype, params), map(_dtype, moments)))
+    kinds = list(zip(param_dtypes, state_dtypes))
     if kinds.count(kinds[0]) == len(kinds):
         return [None]
     groups: dict[tuple, list[int]] = {}
@@ -146,7 +142,7 @@ def by_dtypes(params: list[torch.Tensor], moments: list[torch.Tensor]) -> list[l
     return list(groups.values())
 
 
-def pick(values: list, idx: list[int] | None, count: int) -> list:
+def _pick(values: list, idx: list[int] | None, count: int) -> list:
     """Entries ``idx`` of a column of ``count`` (all of them for None); an empty column (a list the op was not given)
     gives zeros, the table's "absent"."""
     if not values:
@@ -164,14 +160,14 @@ def _layout(sizes: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[list[list[
 class Launch:
     """The table and block maps of multi-tensor launches over one group of tensors. ``columns`` holds the table's
     columns, one entry per tensor (tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds each
-    tensor's element count and, per entry of ``blocks`` (elements per program), its first program; ``maps[k]`` and
-    ``programs[k]`` are that granularity's block map and program count. A step reads its tensors' data pointers, one
-    column at a time, and finds the table by them: what the pointers and sizes determine (the table's other columns,
-    the block maps, whether the streamed tensors are aligned) is computed once, when a table is first built."""
+    tensor's element count (``sizes``, checked) and, per entry of ``blocks`` (elements per program), its first
+    program; ``maps[k]`` and ``programs[k]`` are that granularity's block map and program count. A step reads its
+    tensors' data pointers, one column at a time, and finds the table by them: what the pointers and sizes determine
+    (the table's other columns, the block maps, whether the streamed tensors are aligned) is computed once, when a
+    table is first built."""
 
-    def __init__(self, columns: list[list], device: torch.device, blocks: tuple[int, ...] = (BLOCK,),
-                 streams: int = 0):
-        sizes = tuple(map(torch.Tensor.numel, columns[0]))
+    def __init__(self, columns: list[list], sizes: tuple[int, ...], device: torch.device,
+                 blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
         if any(len(values) != len(sizes) for values in columns):  # zip below would drop rows: a table to crash on
             raise ValueError(f"Launch: columns of {list(map(len, columns))} entries; each needs one per tensor")
         counts, firsts, self.programs = _layout(sizes, blocks)
@@ -192,6 +188,19 @@ class Launch:
         self.maps = [_cached((device, "map", block, sizes), lambda c=c: (torch.repeat_interleave(
             torch.arange(len(c), dtype=torch.int32), torch.tensor(c, dtype=torch.int64)), None))[0]
             for block, c in zip(blocks, counts)]
+
+
+def launches(columns: list[list], checked: tuple[list[int], list[int], list[int]], device: torch.device, *,
+             blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
+    """(a param, a moment, Launch) per group of tensors with the same dtypes: ``columns`` are the table's columns over
+    all the op's tensors (params first, first moments third; an empty list for one the op was not given), ``checked``
+    what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and dtypes). The param and the moment give the
+    kernels their element types."""
+    numels, param_dtypes, state_dtypes = checked
+    for idx in _by_dtypes(param_dtypes, state_dtypes):
+        picked = [_pick(values, idx, len(numels)) for values in columns]
+        yield picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device, blocks,
+                                                 streams)
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, by_dtypes, column, device_hp,
-                                            f32_column, load, pick, program_tensor, store_rounded)
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, advance, column, device_hp, f32_column, launches, load,
+                                            program_tensor, store_rounded)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 from fastopt.ops import checks
 
@@ -146,21 +146,20 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
         return
     device = params[0].device
     checks.hyperparameters(hp, "adam_step", device)
-    checks.step_tensors("adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                        exp_avg_map, exp_avg_sq_map, bits, {"steps": steps}, max_exp_avg_sqs)
+    checked = checks.step_tensors("adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps},
+                                  max_exp_avg_sqs)
     hp = device_hp(hp, device)
     amsgrad = len(max_exp_avg_sqs) > 0
     any_ptr = hp  # stands in for the pointers a mode does not read
-    for idx in by_dtypes(params, exp_avgs):
-        scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
-        columns = [pick(values, idx, len(params))
-                   for values in (params, grads, exp_avgs, exp_avg_sqs, *scales, max_exp_avg_sqs, steps)]
-        launch = Launch(columns, device, streams=VMAX.value + 1)
+    scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
+    columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, max_exp_avg_sqs, steps]
+    for p_like, m_like, launch in launches(columns, checked, device, streams=VMAX.value + 1):
         advance(launch, STEP, found_inf=found_inf)
         if not launch.programs[0]:
             continue
         adam_kernel[(launch.programs[0],)](
-            launch.table, launch.maps[0], columns[0][0], columns[2][0],
+            launch.table, launch.maps[0], p_like, m_like,
             exp_avg_map if bits else any_ptr, exp_avg_sq_map if bits else any_ptr, hp,
             any_ptr if grad_scale is None else grad_scale, any_ptr if found_inf is None else found_inf,
             MAXIMIZE=maximize, DECOUPLED=decoupled, INDEPENDENT_DECAY=independent_decay, AMSGRAD=amsgrad,

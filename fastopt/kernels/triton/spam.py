@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, by_dtypes, column, device_hp,
-                                            f32_column, load, pick, program_tensor, store_rounded)
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column,
+                                            launches, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 from fastopt.ops import checks
@@ -312,15 +312,13 @@ def spam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, 
 
 
 # ---- launchers ------------------------------------------------------------------------------------------------------
-def _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, counters, bits, device):
-    """(a param, a moment, Launch) per group of tensors with the same dtypes (the table's layout: the columns above;
-    the param and moment give the kernels their element types)."""
-    for idx in by_dtypes(params, exp_avgs):
-        scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
-        columns = [pick(values, idx, len(params))
-                   for values in (params, grads, exp_avgs, exp_avg_sqs, *scales, *counters)]
-        yield columns[0][0], columns[2][0], Launch(columns, device, blocks=(BLOCK, PARTIAL_BLOCK.value),
-                                                   streams=V_SCALES.value + 1)
+_LAYOUT = dict(blocks=(BLOCK, PARTIAL_BLOCK.value), streams=V_SCALES.value + 1)  # update and reduction programs
+
+
+def _columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, counters, bits) -> list[list]:
+    """The table's columns (above), over all the op's tensors."""
+    scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
+    return [params, grads, exp_avgs, exp_avg_sqs, *scales, *counters]
 
 
 def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, **modes) -> None:
@@ -348,15 +346,15 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
     device = params[0].device
     counters = [steps, stats_steps, m_norms, v_norms, m_maxes]
     checks.hyperparameters(hp, "stable_spam_step", device)
-    checks.step_tensors("stable_spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                        exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
-                        dict(zip(("steps", "stats_steps", "m_norms", "v_norms", "m_maxes"), counters)))
+    checked = checks.step_tensors("stable_spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
+                                  dict(zip(("steps", "stats_steps", "m_norms", "v_norms", "m_maxes"), counters)))
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
     has = dict(HAS_FOUND_INF=found_inf is not None, OFFICIAL=official, num_warps=NUM_WARPS)
     fi = hp if found_inf is None else found_inf
-    for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                                          counters, bits, device):
+    for p_like, m_like, launch in launches(_columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                                   exp_avg_sq_scales, counters, bits), checked, device, **_LAYOUT):
         advance(launch, STEP, STATS_STEP, found_inf)
         partials = launch.programs[1]
         work = torch.empty(4 * launch.count + 2 * partials, dtype=torch.float32, device=device)
@@ -396,12 +394,13 @@ def spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
         return
     device = params[0].device
     checks.hyperparameters(hp, "spam_step", device)
-    checks.step_tensors("spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                        exp_avg_map, exp_avg_sq_map, bits, {"steps": steps})
+    checked = checks.step_tensors("spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps})
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
-    for p_like, m_like, launch in _groups(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                                          [steps, [], [], [], []], bits, device):
+    for p_like, m_like, launch in launches(_columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                                   exp_avg_sq_scales, [steps, [], [], [], []], bits), checked, device,
+                                           **_LAYOUT):
         advance(launch, STEP, found_inf=found_inf)
         _update(launch, p_like, m_like, maps, hp, hp, grad_scale, found_inf, bits, STABLE=False,
                 OFFICIAL=False)
