@@ -81,7 +81,8 @@ def check_quantized(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int
     nbytes = blocks * BLOCKS[bits] * bits // 8
     kind = _kind(device)
     check(_on(codes, device) and codes.is_contiguous() and codes.dtype == torch.uint8 and codes.numel() == nbytes, op,
-          f"{what}_codes[{i}] must be a contiguous uint8 {kind} tensor of {nbytes} bytes for {n} elements at {bits} bits")
+          f"{what}_codes[{i}] must be a contiguous uint8 {kind} tensor of {nbytes} bytes for {n} elements at {bits} "
+          "bits")
     check(_on(scales, device) and scales.is_contiguous() and scales.dtype == torch.float32 and scales.numel() == blocks,
           op, f"{what}_scales[{i}] must be a contiguous float32 {kind} tensor of {blocks} blocks")
 
@@ -102,7 +103,8 @@ def step_tensors(op: str, device: torch.device, params, grads, exp_avgs, exp_avg
     quantized ones)."""
     n = len(params)
     check(bits in (0, 4, 8), op, f"bits must be 0 (float moments), 4 or 8, got {bits}")
-    check(not max_exp_avg_sqs or bits == 0, op, f"max_exp_avg_sqs (amsgrad) needs float moments (bits 0), got bits {bits}")
+    check(not max_exp_avg_sqs or bits == 0, op,
+          f"max_exp_avg_sqs (amsgrad) needs float moments (bits 0), got bits {bits}")
     lists = [grads, exp_avgs, exp_avg_sqs, *counters.values()] + ([exp_avg_scales, exp_avg_sq_scales] if bits else [])
     lists += [max_exp_avg_sqs] if max_exp_avg_sqs else []
     check(all(len(xs) == n for xs in lists), op, "all tensor lists must have the same length")

@@ -121,9 +121,9 @@ def grad_stats(grads, clip, grad_scale) -> torch.Tensor:
         dtypes.append(dtype_code(g, op, "grads"))
     out = torch.empty(n, 2, dtype=torch.float64)
     grad_mul, _ = _amp(grad_scale, None)
-    _call(_ext.library().fastopt_grad_stats, n, _pointers(grads), _array(ctypes.c_int64, "q", list(map(torch.Tensor.numel, grads))),
-          _array(ctypes.c_int32, "i", dtypes), clip.data_ptr() if clip is not None else None, grad_mul, out.data_ptr(),
-          torch.get_num_threads())
+    numels = _array(ctypes.c_int64, "q", list(map(torch.Tensor.numel, grads)))
+    _call(_ext.library().fastopt_grad_stats, n, _pointers(grads), numels, _array(ctypes.c_int32, "i", dtypes),
+          clip.data_ptr() if clip is not None else None, grad_mul, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -167,7 +167,8 @@ def test_step_compiled_without_size_asserts_keeps_the_ops_checks():
     p.data = before[0].clone()
     scales = opts[1].state[p]["exp_avg_scales"]
     kept, scales.data = scales.data, torch.zeros(1)
-    with pytest.raises(RuntimeError, match=r"exp_avg_scales\[0\] must be a contiguous float32 CPU tensor of \d+ blocks"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_scales\[0\] must be a contiguous float32 CPU tensor of \d+ "
+                                           r"blocks"):
         step()
     scales.data = kept
     assert all(torch.equal(a, b) for a, b in zip(before, nets[1].parameters()))
