@@ -32,7 +32,7 @@ OLDEST_TESTS := tests/test_ext.py tests/test_wheel.py::test_wheel_runs_every_sta
 # path's tests, compiled on the GPU, then the GPU benchmark; results into $(GPU_CHECK_OUT) (bench/gpu_check.py).
 GPU_CHECK_OUT ?= bench/results/gpu
 
-.PHONY: test bench bench-galore bench-host bench-kernels build deps aot wheel clean convergence sanitize test-oldest gpu-check
+.PHONY: test bench bench-compiled bench-galore bench-host bench-kernels build deps aot wheel clean convergence sanitize test-oldest gpu-check
 
 test: $(BUILT) $(WHEEL)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -48,6 +48,10 @@ bench-galore: $(BUILT)
 # Step time over 300 small tensors: what a step costs outside its kernels, against torch (bench/results/host.*).
 bench-host: $(BUILT)
 	$(PY) -m bench.host --readme README.md $(HOST_ARGS)
+
+# A compiled step against the eager one on the same optimizer: kernel time and the host's time around the kernels.
+bench-compiled: $(BUILT)
+	$(PY) -m bench.compiled --readme README.md $(COMPILED_ARGS)
 
 # Compute cost per element of each CPU kernel on L2-resident data (no memory-bandwidth noise).
 bench-kernels: $(BUILT)
