@@ -5,8 +5,9 @@ number. Its programs are the tensors' blocks laid end to end: a block map (int32
 list of sizes) names each program's tensor, and a table (int64, one row per tensor: its data pointers and counters'
 pointers, then its element count and its first program) gives that tensor's pointers, which the kernel casts to the
 element types of its typed ``*_like`` arguments. Both live on the device and are cached by their contents: a step
-whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with. Uploads
-go through pinned memory, asynchronously: nothing waits for the device.
+whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with (a table
+that a launch reads while a graph is being captured is kept for the life of the process: the graph holds its address,
+and the cache must never free it). Uploads go through pinned memory, asynchronously: nothing waits for the device.
 
 **Hyperparameters** reach every kernel in ``hp``, a float64 tensor on the params' device in the op's layout
 (fastopt/ops/library.py HP_LAYOUTS), which the kernels read there: nothing recompiles when a value changes and nothing
@@ -24,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024      # elements per program of an update (quantized storage: whole quantization blocks, the same count)
+BLOCK = 1024        # elements per program of an update (quantized storage: whole quantization blocks, the same count)
 NUM_WARPS = 4
-_CACHE_SIZE = 64  # tables and block maps kept per process
+_CACHE_SIZE = 1024  # tables, block maps and hp uploads kept per process (GaLore steps each projected param alone)
 
 
 @triton.jit
@@ -107,16 +108,21 @@ def advance_kernel(table_ptr, count, found_inf_ptr, COLUMNS: tl.constexpr, FIRST
 
 
 # ---- host side ------------------------------------------------------------------------------------------------------
-_tables: OrderedDict = OrderedDict()
+_tables: OrderedDict = OrderedDict()  # the least recently used entry goes first when the cache is full
+_captured: dict = {}  # entries read while a CUDA graph was being captured: never evicted
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _cached(key, build) -> tuple[torch.Tensor, Any]:
     """``build()`` gives a CPU tensor and what else its contents tell (None if nothing); both are cached by ``key``
     (which starts with the device), the tensor uploaded to that device."""
-    entry = _tables.get(key)
+    entry = _captured.get(key) or _tables.get(key)
+    device = key[0]
     if entry is None:
         host, info = build()
-        device = key[0]
         if device.type == "cpu":
             entry = (host, host, info)
         else:  # pinned, so that the copy is asynchronous; kept with the result, which a copy in flight still reads
@@ -125,8 +131,10 @@ def _cached(key, build) -> tuple[torch.Tensor, Any]:
         _tables[key] = entry
         if len(_tables) > _CACHE_SIZE:
             _tables.popitem(last=False)
-    else:
+    elif key in _tables:
         _tables.move_to_end(key)
+    if _capturing(device) and key not in _captured:  # a graph now holds its address: out of the evictable cache
+        _captured[key] = _tables.pop(key, entry)
     return entry[0], entry[2]
 
 

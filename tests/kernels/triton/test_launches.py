@@ -77,3 +77,23 @@ def test_unmoved_tensors_reuse_their_uploaded_tables():
     params[1].grad = torch.randn_like(params[1])  # a new gradient tensor: a new table, the same block maps
     opt.step()
     assert [key[1] for key in set(_common._tables) - before] == ["table"]
+
+
+def test_tables_a_graph_captured_are_never_evicted(monkeypatch):
+    """A CUDA graph replays with the device addresses it captured: a table read while a graph was being captured
+    stays, however many others pass through the cache after it; the others are still evicted, oldest first."""
+    monkeypatch.setattr(_common, "_tables", _common.OrderedDict())
+    monkeypatch.setattr(_common, "_captured", {})
+    cpu = torch.device("cpu")
+
+    def lookup(k):
+        return _common._cached((cpu, "test", k), lambda: (torch.tensor([k]), None))[0]
+
+    first, second = lookup(0), lookup(1)
+    monkeypatch.setattr(_common, "_capturing", lambda device: True)
+    assert lookup(0) is first  # found in the cache, read while capturing
+    monkeypatch.setattr(_common, "_capturing", lambda device: False)
+    for k in range(2, _common._CACHE_SIZE + 3):
+        lookup(k)
+    assert lookup(0) is first
+    assert lookup(1) is not second  # evicted, then built anew
