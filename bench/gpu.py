@@ -10,6 +10,7 @@ that as a share of the device-to-device copy bandwidth measured in the same roun
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
@@ -52,7 +53,9 @@ def quantized(bits: int) -> Callable[[torch.dtype], float]:
 
 
 def galore_groups(ps):
-    matrices = [p for p in ps if p.dim() == 2 and min(p.shape) >= 1024]
+    """The attention and MLP matrices projected (as GaLore's paper does; every one of them is wider than the rank in
+    both presets), the tied embedding (the first shape of llama_shapes) and the norms stepped in full."""
+    matrices = [p for p in ps[1:] if p.dim() == 2 and min(p.shape) > 256]
     rest = [p for p in ps if all(p is not q for q in matrices)]
     return [{"params": matrices, "rank": 256, "update_proj_gap": 200, "scale": 0.25, "refresh": "randomized"},
             {"params": rest}]
@@ -195,4 +198,6 @@ def main(args) -> int:
             print(text + "\n", flush=True)
             publish(Path(args.out), f"gpu-{preset}-{result['dtype']}", result, text, None)
             texts.append(text)
+            gc.collect()  # an optimizer is in reference cycles (torch's too): free this table's states now
+            torch.cuda.empty_cache()
     return 0
