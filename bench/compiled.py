@@ -98,8 +98,8 @@ def run(preset: str, rounds: int, warmup: int, only: list[str] | None) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"{result['preset']}: {result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, one optimizer "
-             f"stepped three ways, median of {result['rounds']} rotated rounds; {result['machine']['cpu']}, "
-             f"{result['machine']['threads']} threads", "",
+             f"stepped three ways, median of {result['rounds']} rotated rounds; {result['machine']['cpu']} "
+             f"({result['machine']['fastopt_isa']} kernels), {result['machine']['threads']} threads", "",
              "| optimizer | step | ms/step | vs eager (quartiles) | in the kernels: ms | outside them: ms |",
              "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
