@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import fastopt
-from bench.contenders import ADAMW, PRESETS, SPAM_PEER, llama_shapes
+from bench.contenders import ADAMW, PRESETS, RECIPE, SPAM_PEER, compiled_step, llama_shapes
 from bench.run import add_study_options, machine, make_params, parse_study_args, publish, rotated_rounds
 from fastopt.ops import cpu
 
@@ -31,9 +31,8 @@ CONFIGS = {
 }
 PATHS = {
     "eager": lambda opt: opt.step,
-    "compiled": lambda opt: torch.compile(opt.step, fullgraph=True),
-    "compiled, size_asserts off": lambda opt: torch.compile(opt.step, fullgraph=True,
-                                                            options={"size_asserts": False}),
+    "compiled": compiled_step,
+    "compiled, size_asserts off": lambda opt: compiled_step(opt, **RECIPE),
 }
 
 

@@ -62,15 +62,20 @@ def deepspeed_cpu_adam(ps):
     return DeepSpeedCPUAdam(ps, adamw_mode=True, **ADAMW)
 
 
-def compiled_step(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
-    """The optimizer of ``make`` with its step() compiled as the README's recipe for a step compiled alone on CPU
-    params does it (fullgraph, Inductor's size_asserts off: the op's CPU kernel checks every tensor itself): it
-    compiles in the warm-up steps, then runs the same C++ kernels from one graph."""
-    def build(ps):
-        opt = make(ps)
-        opt.step = torch.compile(opt.step, fullgraph=True, options={"size_asserts": False})
-        return opt
-    return build
+RECIPE = {"size_asserts": False}  # the README's recipe for a step compiled alone on CPU params (the op checks them)
+
+
+def compiled_step(opt: torch.optim.Optimizer, fullgraph: bool = True, **options) -> Callable[[], object]:
+    """``opt.step`` compiled (``options``: Inductor's). Timed, it adds what a compiled call costs per tensor (Dynamo's
+    guards, Inductor's input checks unless RECIPE turns them off) and drops what the graph does instead of the
+    eager Python; the first calls compile."""
+    return torch.compile(opt.step, fullgraph=fullgraph, options=options or None)
+
+
+def with_compiled_step(opt: torch.optim.Optimizer, fullgraph: bool = True, **options) -> torch.optim.Optimizer:
+    """``opt``, its step() replaced by ``compiled_step``: a contender whose every step runs compiled."""
+    opt.step = compiled_step(opt, fullgraph, **options)
+    return opt
 
 
 CONTENDERS = [
@@ -78,7 +83,7 @@ CONTENDERS = [
     Contender("fastopt.AdamW 8-bit states", lambda ps: fastopt.AdamW(ps, state_bits=8, **ADAMW), low_bit_bytes(8)),
     Contender("fastopt.AdamW 4-bit states", lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW), low_bit_bytes(4)),
     Contender("fastopt.AdamW 4-bit states, compiled step (size_asserts off)",
-              compiled_step(lambda ps: fastopt.AdamW(ps, state_bits=4, **ADAMW)), low_bit_bytes(4)),
+              lambda ps: with_compiled_step(fastopt.AdamW(ps, state_bits=4, **ADAMW), **RECIPE), low_bit_bytes(4)),
     # Stable-SPAM reads g once more than Adam (max|g| and ‖g‖ in one reduction pass; the clipped norm re-reads only
     # the chunks that hold clipped entries, none in a step without spikes); SPAM moves exactly Adam's bytes.
     Contender("fastopt.StableSPAM", lambda ps: fastopt.StableSPAM(ps, **SPAM_PEER), FP32_ADAM_BYTES + 4),

@@ -19,28 +19,23 @@ from pathlib import Path
 import torch
 
 import fastopt
+from bench.contenders import RECIPE, with_compiled_step
 from bench.run import add_study_options, machine, parse_study_args, publish, rotated_rounds
-
-def compiled(opt: torch.optim.Optimizer, fullgraph: bool = True, **options) -> torch.optim.Optimizer:
-    """``opt`` with its step compiled (``options``: Inductor's): its timing adds what a compiled call costs per tensor
-    (Dynamo's guards, Inductor's input checks) and drops what the graph does instead of the eager Python."""
-    opt.step = torch.compile(opt.step, fullgraph=fullgraph, options=options or None)
-    return opt
 
 
 CONTENDERS = {
     "fastopt AdamW": lambda ps: fastopt.AdamW(ps, lr=1e-3),
-    "fastopt AdamW, compiled step": lambda ps: compiled(fastopt.AdamW(ps, lr=1e-3)),
-    # the README's recipe for a step compiled alone on CPU params: no per-input size check (the op checks them)
-    "fastopt AdamW, compiled step, size_asserts off": lambda ps: compiled(fastopt.AdamW(ps, lr=1e-3),
-                                                                         size_asserts=False),
+    "fastopt AdamW, compiled step": lambda ps: with_compiled_step(fastopt.AdamW(ps, lr=1e-3)),
+    "fastopt AdamW, compiled step, size_asserts off": lambda ps: with_compiled_step(fastopt.AdamW(ps, lr=1e-3),
+                                                                                   **RECIPE),
     "fastopt AdamW 4-bit": lambda ps: fastopt.AdamW(ps, lr=1e-3, state_bits=4, min_quant_size=0),
     "fastopt StableSPAM 4-bit": lambda ps: fastopt.StableSPAM(ps, lr=1e-3, state_bits=4, min_quant_size=0),
     "fastopt SPAM": lambda ps: fastopt.SPAM(ps, lr=1e-3),
     "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     # torch's compiled-optimizer recipe (a tensor lr); its step breaks the graph once (torch.optim's _use_grad)
-    "torch AdamW, compiled step": lambda ps: compiled(torch.optim.AdamW(ps, lr=torch.tensor(1e-3)), fullgraph=False),
+    "torch AdamW, compiled step": lambda ps: with_compiled_step(torch.optim.AdamW(ps, lr=torch.tensor(1e-3)),
+                                                                fullgraph=False),
 }
 BASELINE = "torch AdamW (fused)"
 
