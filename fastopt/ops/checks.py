@@ -75,6 +75,12 @@ def check_map(table: torch.Tensor | None, bits: int, op: str, what: str, device:
           op, f"{what} must be a contiguous float32 {_kind(device)} tensor of {1 << bits} entries")
 
 
+def check_codec_input(x: torch.Tensor, op: str, device: torch.device) -> None:
+    """The values a codec quantizes: float32, on ``device`` (any shape and strides: the codec flattens a copy)."""
+    check(_on(x, device) and x.dtype == torch.float32, op,
+          f"x must be a float32 {_kind(device)} tensor, got {x.dtype} on {x.device}")
+
+
 def check_quantized(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, op: str, what: str, i: int,
                     device: torch.device) -> None:
     blocks = -(-n // BLOCKS[bits])

@@ -131,7 +131,7 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple
     op = "quantize_blockwise"
     check_bits(bits, op)
     check_map(table, bits, op, "map", _CPU)
-    _check(x.device.type == "cpu" and x.dtype == torch.float32, op, "x must be a float32 CPU tensor")
+    checks.check_codec_input(x, op, _CPU)
     flat = x.contiguous().view(-1)
     n, block = flat.numel(), BLOCKS[bits]
     blocks = -(-n // block)

@@ -107,7 +107,7 @@ def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, bits: int) -> tuple
     op = "quantize_blockwise"
     checks.check_bits(bits, op)
     checks.check_map(table, bits, op, "map", x.device)
-    checks.check(x.dtype == torch.float32, op, f"x must be a float32 tensor, got {x.dtype}")
+    checks.check_codec_input(x, op, x.device)
     x = x.reshape(-1).contiguous()
     n, block = x.numel(), 128 if bits == 4 else 256
     blocks = triton.cdiv(n, block)
