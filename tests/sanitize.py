@@ -5,7 +5,7 @@ is rebuilt), then runs pytest on the op and codec tests in a child process that 
 loads that library instead of the installed one (FASTOPT_EXTENSION). Those tests cover odd sizes, tails and every ISA
 level this CPU has. Any sanitizer report fails the run (halt_on_error, and UBSan's reports are made fatal).
 
-    python -m tests.sanitize [pytest arguments]      (default: the op surface and codec tests)
+    python -m tests.sanitize [pytest arguments]      (default: the op surface and codec tests; a worker per core)
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         return 1
     check = "import fastopt._ext as e; import fastopt; assert e.load() == 'FASTOPT_EXTENSION', e.load()"
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, check=True)  # the tests run the sanitized build
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(argv or TESTS)]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", *(argv or TESTS)]
     return subprocess.run(command, cwd=ROOT, env=env).returncode
 
 
