@@ -39,6 +39,14 @@ def test_gpu_code_compiles():
 
     for path in check.TESTS:
         assert (ROOT / path).is_file(), path
+    # a selection that picks nothing would fail there (pytest's exit code 5), found only on a GPU machine; the
+    # tests/gpu/ files are collected only where there is a CUDA device
+    here = {path: selection for path, (selection, _) in check.TESTS.items() if not path.startswith("tests/gpu/")}
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *here],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout[-500:]
+    for path, selection in here.items():
+        assert any(line.startswith(path + "::") and selection in line for line in listed.stdout.splitlines()), path
     assert {"fastopt.AdamW 4-bit states", "fastopt.StableSPAM 4-bit states", gpu.BASELINE} <= {
         c.name for c in gpu.CONTENDERS}
     subprocess.run([sys.executable, "-m", "py_compile", str(ROOT / "tests" / "gpu" / "test_cuda.py")], check=True)
