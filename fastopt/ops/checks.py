@@ -12,13 +12,15 @@ import operator
 
 import torch
 
-KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # and the C ABI's FASTOPT_F32, _BF16, _F16
-BLOCKS = {4: 128, 8: 256}  # elements per scale (fastopt/quant/formats.py)
+from fastopt.quant.formats import FORMATS
 
-HP_NAMES = {  # the layouts of the step ops' hp (library.HP_LAYOUTS), for messages
-    "adam_step": "lr, beta1, beta2, eps, weight_decay",
-    "stable_spam_step": "lr, beta1, beta2, eps, weight_decay, gamma1, gamma2, gamma3, scale, reset",
-    "spam_step": "lr, beta1, beta2, eps, weight_decay, threshold, scale, reset, clip",
+KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # and the C ABI's FASTOPT_F32, _BF16, _F16
+BLOCKS = {bits: FORMATS[(bits, True)].block for bits in (4, 8)}  # elements per scale
+
+HP_LAYOUTS = {  # each step op's ``hp``: its hyperparameters in this order (fastopt/ops/library.py)
+    "adam_step": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+    "stable_spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "gamma1", "gamma2", "gamma3", "scale", "reset"),
+    "spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale", "reset", "clip"),
 }
 
 # Per-tensor attributes read over whole lists.
@@ -62,11 +64,12 @@ def check_bits(bits: int, op: str) -> None:
 def hyperparameters(hp: torch.Tensor, op: str, device: torch.device) -> None:
     """``hp``: the op's hyperparameters, a contiguous float64 tensor of its layout's length, on the CPU or on
     ``device`` (the C++ kernels read it on the CPU; the Triton kernels read it on their device, uploading a CPU one)."""
-    count = len(HP_NAMES[op].split(", "))
+    layout = HP_LAYOUTS[op]
+    count = len(layout)
     place = "CPU" if device.type == "cpu" else f"CPU or {device}"
     check((hp.is_cpu or hp.device == device) and hp.dtype == torch.float64 and hp.dim() == 1 and hp.numel() == count
           and hp.is_contiguous(), op, f"hp must be a contiguous float64 {place} tensor of {count} values "
-          f"({HP_NAMES[op]}), got {hp.dtype} of shape {tuple(hp.shape)} on {hp.device}")
+          f"({', '.join(layout)}), got {hp.dtype} of shape {tuple(hp.shape)} on {hp.device}")
 
 
 def check_map(table: torch.Tensor | None, bits: int, op: str, what: str, device: torch.device) -> None:

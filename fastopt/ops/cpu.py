@@ -18,6 +18,7 @@ from fastopt.ops.checks import BLOCKS, check as _check, check_bits, check_map, c
 
 _CPU = torch.device("cpu")
 
+
 def _array(ctype, code: str, values: list[int]) -> ctypes.Array:
     """``values`` as a ctypes array of ``ctype``. ctypes' own constructor converts each value separately; for long
     lists an array.array (typecode ``code``) shared with ctypes costs a third of that (the ctypes array keeps it

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from fastopt import _ext
-from fastopt.quant.formats import FORMATS
+from fastopt.ops.checks import BLOCKS, HP_LAYOUTS
 
 _STORAGE = "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales"
 _MAPS_BITS_HP = "Tensor? exp_avg_map, Tensor? exp_avg_sq_map, int bits, Tensor hp"
@@ -57,13 +57,7 @@ SCHEMAS = {
     "galore_step": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor step_count, int host, "
                    "int group) -> ()",
 }
-HP_LAYOUTS = {
-    "adam_step": ("lr", "beta1", "beta2", "eps", "weight_decay"),
-    "stable_spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "gamma1", "gamma2", "gamma3", "scale", "reset"),
-    "spam_step": ("lr", "beta1", "beta2", "eps", "weight_decay", "threshold", "scale", "reset", "clip"),
-}
 STEP_OPS = tuple(HP_LAYOUTS)
-BLOCK_SIZES = {bits: FORMATS[(bits, True)].block for bits in (4, 8)}  # elements per scale
 
 _library = torch.library.Library("fastopt", "FRAGMENT")  # kept alive: the definitions last as long as it does
 for _name, _schema in SCHEMAS.items():
@@ -85,8 +79,8 @@ def _(grads, clip, grad_scale):
 
 @torch.library.register_fake("fastopt::quantize_blockwise", lib=_library)
 def _(x, map, bits):
-    blocks = -(-x.numel() // BLOCK_SIZES[bits])
-    return (x.new_empty(blocks * BLOCK_SIZES[bits] * bits // 8, dtype=torch.uint8),
+    blocks = -(-x.numel() // BLOCKS[bits])
+    return (x.new_empty(blocks * BLOCKS[bits] * bits // 8, dtype=torch.uint8),
             x.new_empty(blocks, dtype=torch.float32))
 
 

@@ -31,7 +31,7 @@ import torch
 from fastopt.galore import policy as galore
 from fastopt.galore import projector as galore_proj
 from fastopt.galore.step import GaLoreStepper
-from fastopt.ops import _backends, library, sharding
+from fastopt.ops import _backends, checks, library, sharding
 from fastopt.ops.common import as_number
 from fastopt.optim import checkpoint
 from fastopt.optim.checkpoint import is_schedule
@@ -39,7 +39,7 @@ from fastopt.optim.plan import Bucket, StepPlan
 from fastopt.quant import formats as quant
 
 _grad, _is_sparse, _shape = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("shape")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cpu and triton kernels take
+KERNEL_DTYPES = tuple(checks.KERNEL_DTYPES)  # what the cpu and triton kernels take
 STATE_BITS = (None, 32, 16, 8, 4)  # None: moments in the param's dtype (torch's behaviour)
 
 
