@@ -170,23 +170,29 @@ def adaclip_limits(maxes: torch.Tensor, counters: list[torch.Tensor], m_maxes: l
 
 
 def reduced_grad_stats(grads: list[torch.Tensor], counters: list[torch.Tensor], m_maxes: list[torch.Tensor],
-                       theta: float, all_reduce, local_stats) -> torch.Tensor:
+                       theta: float, all_reduce, local_stats, select_on_host: bool | None = None) -> torch.Tensor:
     """(max|g|, Σ of g² after AdaClip) of each whole tensor from the local shards ``grads``, float64 (n, 2), with
     two calls of ``all_reduce(values, "MAX" | "SUM")`` (in place, across the ranks holding the other shards; float32
     maxima, float64 sums) for all tensors: a max, then a sum, since the clip threshold needs the max first.
     ``local_stats(grads, clip)`` gives the local (max, Σ clipped g²); a shard whose max is under its threshold keeps
-    its unclipped sum, as the unsharded kernels do. The limits repeat the C++ op's AdaClip arithmetic
-    (``adaclip_limits``); tests/ops/test_spam_cpu.py checks that the op given these statistics steps bit for bit
-    as it does on its own."""
+    its unclipped sum, as the unsharded kernels do. Which shards clip is read on the host where that waits for
+    nothing (``select_on_host``, by default for CPU tensors), and only those are read again; on a GPU every shard is
+    read again instead, so that the step never waits for the device. The limits repeat the C++ op's AdaClip
+    arithmetic (``adaclip_limits``); tests/ops/test_spam_cpu.py checks that the op given these statistics steps bit
+    for bit as it does on its own, either way."""
     first = local_stats(grads, None)
     maxes = first[:, 0].float()  # float32 maxima, exactly (the kernels' max is float32)
     all_reduce(maxes, "MAX")
     maxes = maxes.double()
     clip = adaclip_limits(maxes, counters, m_maxes, theta)
     sums = first[:, 1].clone()
-    clipped = (~(first[:, 0] <= clip[:, 0])).nonzero().flatten().tolist()  # NaN maxima included, as the kernels do
-    if clipped:
-        sums[clipped] = local_stats([grads[i] for i in clipped], clip[clipped].contiguous())[:, 1]
+    over = ~(first[:, 0] <= clip[:, 0])  # NaN maxima included, as the kernels do
+    if select_on_host if select_on_host is not None else grads[0].device.type == "cpu":
+        clipped = over.nonzero().flatten().tolist()
+        if clipped:
+            sums[clipped] = local_stats([grads[i] for i in clipped], clip[clipped].contiguous())[:, 1]
+    else:
+        sums = torch.where(over, local_stats(grads, clip)[:, 1], sums)
     all_reduce(sums, "SUM")
     return torch.stack([maxes, sums], dim=1).contiguous()
 
