@@ -128,7 +128,7 @@ def _rank(rank: int, world: int, port: int, preset: str, rounds: int, warmup: in
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -139,7 +139,7 @@ def run(world: int, preset: str, rounds: int, warmup: int, only) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ranks.json")
-        mp.spawn(_rank, args=(world, _free_port(), preset, rounds, warmup, only, out), nprocs=world)
+        mp.spawn(_rank, args=(world, free_port(), preset, rounds, warmup, only, out), nprocs=world)
         ranks = json.loads(Path(out).read_text())
     shapes = llama_shapes(**PRESETS[preset])
     n = sum(torch.Size(s).numel() for s in shapes)

@@ -18,13 +18,9 @@ import time
 
 import torch
 
+from bench.distributed import free_port
+
 GAPS_MS = (0, 1, 3, 5, 8, 15)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, repeats: int, out) -> None:
@@ -63,7 +59,7 @@ def _echo(port: int, ready) -> None:
 
 def tcp_round_trips(repeats: int) -> dict[int, float]:
     """Median ms of a 512-byte TCP round trip to another process after each pause of GAPS_MS."""
-    port, ctx = _free_port(), multiprocessing.get_context("spawn")
+    port, ctx = free_port(), multiprocessing.get_context("spawn")
     ready = ctx.Event()
     echo = ctx.Process(target=_echo, args=(port, ready), daemon=True)
     echo.start()
@@ -90,7 +86,7 @@ def all_reduces(world: int, repeats: int) -> dict[int, float]:
     """Median ms of a 64-value gloo all-reduce on rank 0 after each pause of GAPS_MS."""
     ctx = torch.multiprocessing.get_context("spawn")
     out = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_rank, args=(world, _free_port(), repeats, out), nprocs=world,
+    torch.multiprocessing.start_processes(_rank, args=(world, free_port(), repeats, out), nprocs=world,
                                           start_method="spawn")
     return out.get()
 
