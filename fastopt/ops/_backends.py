@@ -9,6 +9,7 @@ import os
 import torch
 
 from fastopt.ops import library
+from fastopt.ops.checks import Kept
 from fastopt.quant.formats import Quantized
 
 BACKENDS = ("reference", "cpu", "triton")
@@ -92,17 +93,24 @@ def step_kernel(name: str, backend: str, device: torch.device):
 
 def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]],
                hp: torch.Tensor, *, full: list[list[torch.Tensor]] = (),
-               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, **options) -> None:
+               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, kept: dict | None = None,
+               **options) -> None:
     """Runs the fused step op ``name`` (``step_kernel``) once per storage format among the tensors: float moments
     (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
     the params' size: amsgrad's max_exp_avg_sqs) and then ``counters`` (0-d per-tensor lists). Params, grads, float
     moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
     are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
     are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
-    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective)."""
+    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``kept``: a
+    dict in which a Triton launcher keeps what it checked, per storage format (fastopt/ops/checks.py ``Kept``), for a
+    caller that steps the same tensors with their ``.grad`` at every call (an optimizer's step plan)."""
     op = kernel or step_kernel(name, backend, params[0].device)
+    if backend != "triton" or op is not library.triton_kernel(name):
+        kept = None  # the C++ kernels and the torch.library op take no Kept
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
+        if kept is not None:
+            options["kept"] = kept.setdefault(bits, Kept())
         every = len(idx) == len(params)
         pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]

@@ -25,7 +25,7 @@ HP_LAYOUTS = {  # each step op's ``hp``: its hyperparameters in this order (fast
 
 # Per-tensor attributes read over whole lists.
 _numel, _dtype, _device, _is_cpu = torch.Tensor.numel, *map(operator.attrgetter, ("dtype", "device", "is_cpu"))
-_contiguous = torch.Tensor.is_contiguous
+_contiguous, _data_ptr = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
 
 
 def check(ok: bool, op: str, message: str) -> None:
@@ -175,3 +175,39 @@ def _explain(op: str, device: torch.device, params, grads, exp_avgs, exp_avg_sqs
             c = xs[i]
             check(_on(c, device) and c.dtype == torch.float32 and c.numel() == 1, op,
                   f"{what}[{i}] must be a float32 {kind} scalar tensor")
+
+
+class Kept:
+    """What a kernel keeps between calls that step the same tensors, so that such a call checks only what changes
+    from one step to the next: the grads. An optimizer's step plan holds one per bucket and storage format and passes
+    it at every step (the Triton launchers take it as ``kept``).
+
+    ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
+    compared entry by entry, by identity, as torch.compile guards an optimizer's params and states), the params have
+    not moved (``p.data = ...`` moves them), and the grads have the params' element counts and dtypes and are
+    contiguous. The grads must be the params' ``.grad``: torch keeps those on their param's device, which is not read
+    again. ``value`` is what the kernel made of the checked inputs (for Triton: its launch groups)."""
+
+    def __init__(self):
+        self.value = None
+        self._inputs: tuple = ()
+
+    def holds(self, inputs: tuple, params: list, grads: list) -> bool:
+        if len(inputs) != len(self._inputs):  # also: nothing kept yet
+            return False
+        for new, old in zip(inputs, self._inputs):
+            if isinstance(new, (list, tuple)):
+                if not (isinstance(old, tuple) and len(new) == len(old) and all(map(operator.is_, new, old))):
+                    return False
+            elif new is not old and not (type(new) is int and new == old):
+                return False
+        return (tuple(map(_data_ptr, params)) == self._params and len(grads) == len(self._numels)
+                and list(map(_numel, grads)) == self._numels and list(map(_dtype, grads)) == self._dtypes
+                and all(map(_contiguous, grads)))
+
+    def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
+        """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
+        self._inputs = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs)
+        self._params = tuple(map(_data_ptr, params))
+        self._numels, self._dtypes = list(numels), list(map(_dtype, params))
+        self.value = value

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton
@@ -165,50 +165,78 @@ def _layout(sizes: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[list[list[
     return counts, [[0, *itertools.accumulate(c)][:-1] for c in counts], [sum(c) for c in counts]
 
 
-class Launch:
-    """The table and block maps of multi-tensor launches over one group of tensors. ``columns`` holds the table's
-    columns, one entry per tensor (tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds each
-    tensor's element count (``sizes``, checked) and, per entry of ``blocks`` (elements per program), its first
-    program; ``maps[k]`` and ``programs[k]`` are that granularity's block map and program count. A step reads its
-    tensors' data pointers, one column at a time, and finds the table by them: what the pointers and sizes determine
-    (the table's other columns, the block maps, whether the streamed tensors are aligned) is computed once, when a
-    table is first built."""
+def _pointers(column: list) -> tuple[int, ...]:
+    """A table column as ints, with one map over it: tensors by data pointer, ints as they are."""
+    return tuple(map(torch.Tensor.data_ptr, column)) if column and isinstance(column[0], torch.Tensor) else tuple(column)
 
-    def __init__(self, columns: list[list], sizes: tuple[int, ...], device: torch.device,
-                 blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
+
+GRADS = 1  # the grads' column in every op's table: the one column that a kept launch reads again at each call
+_tokens = itertools.count()
+
+
+class Launch:
+    """Multi-tensor launches over one group of tensors. ``columns`` holds the table's columns, one entry per tensor
+    (tensors, by data pointer, or ints: 0 where the launch lacks it); the table adds each tensor's element count
+    (``sizes``, checked) and, per entry of ``blocks`` (elements per program), its first program. ``for_grads`` reads
+    the grads' data pointers and finds this call's table (``table``, ``aligned``) and block maps (``maps[k]``, with
+    ``programs[k]`` programs); what the pointers and sizes determine (the table's other columns, the block maps,
+    whether the streamed tensors are aligned) is computed only when a table is first built. Tables are cached by their
+    contents, or, for a launch that a ``Kept`` holds (``own_key``), by its own key and the grads' pointers alone."""
+
+    def __init__(self, columns: list[list], sizes: tuple[int, ...], device: torch.device, idx: list[int] | None,
+                 blocks: tuple[int, ...] = (BLOCK,), streams: int = 0, own_key: bool = False):
         if any(len(values) != len(sizes) for values in columns):  # zip below would drop rows: a table to crash on
             raise ValueError(f"Launch: columns of {list(map(len, columns))} entries; each needs one per tensor")
-        counts, firsts, self.programs = _layout(sizes, blocks)
+        self._counts, self._firsts, self.programs = _layout(sizes, blocks)
         self.columns = len(columns) + 1 + len(blocks)
         self.count = len(sizes)
-        # column by column (one map per column, not a Python step per entry): tensors by data pointer, ints as they are
-        pointers = [tuple(map(torch.Tensor.data_ptr, col)) if col and isinstance(col[0], torch.Tensor) else tuple(col)
-                    for col in columns]
+        self._idx, self._sizes, self._streams = idx, sizes, streams
+        self._pointers = [() if k == GRADS else _pointers(col) for k, col in enumerate(columns)]
+        self._key = (device, "table", next(_tokens)) if own_key else (device, "table", blocks, streams, sizes,
+                                                                      *self._pointers)
+        self._map_keys = [(device, "map", block, sizes) for block in blocks]
+        self.table = self.aligned = self.maps = None
+
+    def for_grads(self, grads: list[torch.Tensor]) -> Launch:
+        """This launch set up for ``grads`` (all of the op's; this group's are picked)."""
+        grad_pointers = _pointers(grads if self._idx is None else [grads[i] for i in self._idx])
 
         def build() -> tuple[torch.Tensor, bool]:
-            values = list(itertools.chain.from_iterable(zip(*pointers, sizes, *firsts)))
+            pointers = [grad_pointers if k == GRADS else column for k, column in enumerate(self._pointers)]
+            values = list(itertools.chain.from_iterable(zip(*pointers, self._sizes, *self._firsts)))
             # the first `streams` columns are the tensors the kernels stream through: 16-byte aligned (as fresh torch
             # allocations are; a view may not be) lets the kernels use 128-bit accesses
-            aligned = not any(map((15).__and__, itertools.chain(*pointers[:streams])))
+            aligned = not any(map((15).__and__, itertools.chain(*pointers[:self._streams])))
             return torch.tensor(values, dtype=torch.int64), aligned
 
-        self.table, self.aligned = _cached((device, "table", blocks, streams, sizes, *pointers), build)
-        self.maps = [_cached((device, "map", block, sizes), lambda c=c: (torch.repeat_interleave(
+        self.table, self.aligned = _cached((*self._key, grad_pointers), build)
+        self.maps = [_cached(key, lambda c=c: (torch.repeat_interleave(
             torch.arange(len(c), dtype=torch.int32), torch.tensor(c, dtype=torch.int64)), None))[0]
-            for block, c in zip(blocks, counts)]
+            for key, c in zip(self._map_keys, self._counts)]
+        return self
 
 
-def launches(columns: list[list], checked: tuple[list[int], list[int], list[int]], device: torch.device, *,
-             blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
-    """(a param, a moment, Launch) per group of tensors with the same dtypes: ``columns`` are the table's columns over
-    all the op's tensors (params first, first moments third; an empty list for one the op was not given), ``checked``
-    what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and dtypes). The param and the moment give the
-    kernels their element types."""
-    numels, param_dtypes, state_dtypes = checked
-    for idx in _by_dtypes(param_dtypes, state_dtypes):
-        picked = [_pick(values, idx, len(numels)) for values in columns]
-        yield picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device, blocks,
-                                                 streams)
+def launches(kept, inputs: tuple, check: Callable[[], tuple[list[int], list[int], list[int]]], columns: list[list],
+             device: torch.device, *, blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
+    """(a param, a moment, Launch) per group of tensors with the same dtypes, for this call. ``columns`` are the
+    table's columns over all the op's tensors (params first, grads second, first moments third; an empty list for one
+    the op was not given); ``check()`` runs ``fastopt.ops.checks.step_tensors`` on them and gives its result (sizes
+    and dtypes). ``kept`` (a ``fastopt.ops.checks.Kept``, or None) skips the check and the grouping when it holds for
+    ``inputs`` (the op's arguments but the grads and the hyperparameters). The param and the moment give the kernels
+    their element types."""
+    params, grads = columns[0], columns[GRADS]
+    if kept is not None and kept.holds(inputs, params, grads):
+        groups = kept.value
+    else:
+        numels, param_dtypes, state_dtypes = check()
+        groups = []
+        for idx in _by_dtypes(param_dtypes, state_dtypes):
+            picked = [_pick(values, idx, len(numels)) for values in columns]
+            groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device,
+                                                              idx, blocks, streams, own_key=kept is not None)))
+        if kept is not None:
+            kept.keep(inputs, params, numels, groups)
+    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:

@@ -139,22 +139,24 @@ def adam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, steps,
               exp_avg_map, exp_avg_sq_map, bits, hp, *, decoupled, maximize, independent_decay, grad_scale=None,
-              found_inf=None) -> None:
+              found_inf=None, kept=None) -> None:
     """torch.ops.fastopt.adam_step on Triton (same arguments; contiguous tensors on one device): per group of tensors
-    with the same dtypes, one launch for the step counts and one for the update."""
+    with the same dtypes, one launch for the step counts and one for the update. ``kept``: fastopt.ops.checks.Kept."""
     if not params:
         return
     device = params[0].device
     checks.hyperparameters(hp, "adam_step", device)
-    checked = checks.step_tensors("adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps},
-                                  max_exp_avg_sqs)
-    hp = device_hp(hp, device)
     amsgrad = len(max_exp_avg_sqs) > 0
-    any_ptr = hp  # stands in for the pointers a mode does not read
     scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
     columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, max_exp_avg_sqs, steps]
-    for p_like, m_like, launch in launches(columns, checked, device, streams=VMAX.value + 1):
+    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, steps, exp_avg_map,
+              exp_avg_sq_map, bits)
+    groups = launches(kept, inputs, lambda: checks.step_tensors(
+        "adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+        exp_avg_sq_map, bits, {"steps": steps}, max_exp_avg_sqs), columns, device, streams=VMAX.value + 1)
+    hp = device_hp(hp, device)
+    any_ptr = hp  # stands in for the pointers a mode does not read
+    for p_like, m_like, launch in groups:
         advance(launch, STEP, found_inf=found_inf)
         if not launch.programs[0]:
             continue

@@ -315,10 +315,18 @@ def spam_kernel(table_ptr, block_map_ptr, p_like, m_like, m_map_ptr, v_map_ptr, 
 _LAYOUT = dict(blocks=(BLOCK, PARTIAL_BLOCK.value), streams=V_SCALES.value + 1)  # update and reduction programs
 
 
-def _columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, counters, bits) -> list[list]:
-    """The table's columns (above), over all the op's tensors."""
+def _launches(kept, op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+              exp_avg_sq_map, bits, counters: dict[str, list]) -> list:
+    """The launch groups of a call (fastopt/kernels/triton/_common.py ``launches``), with the table's columns (above)
+    over all the op's tensors; SPAM's table has no statistics columns."""
     scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
-    return [params, grads, exp_avgs, exp_avg_sqs, *scales, *counters]
+    columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, *counters.values()]
+    columns += [[]] * (COLUMNS.value - 3 - len(columns))
+    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, *counters.values(), exp_avg_map,
+              exp_avg_sq_map, bits)
+    return launches(kept, inputs, lambda: checks.step_tensors(
+        op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+        exp_avg_sq_map, bits, counters), columns, device, **_LAYOUT)
 
 
 def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, **modes) -> None:
@@ -333,7 +341,7 @@ def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_in
 
 def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, stats_steps,
                      m_norms, v_norms, m_maxes, exp_avg_map, exp_avg_sq_map, bits, hp, *, official, grad_stats=None,
-                     grad_scale=None, found_inf=None, all_reduce=None) -> None:
+                     grad_scale=None, found_inf=None, all_reduce=None, kept=None) -> None:
     """torch.ops.fastopt.stable_spam_step on Triton (same arguments; contiguous tensors on one device): six launches
     per group of tensors with the same dtypes (the module docstring). ``all_reduce(values, "MAX" | "SUM")``: for
     tensors that are shards of larger ones, reduces every tensor's statistic across the ranks, in place, on the
@@ -346,15 +354,14 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
     device = params[0].device
     counters = [steps, stats_steps, m_norms, v_norms, m_maxes]
     checks.hyperparameters(hp, "stable_spam_step", device)
-    checked = checks.step_tensors("stable_spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
-                                  dict(zip(("steps", "stats_steps", "m_norms", "v_norms", "m_maxes"), counters)))
+    groups = _launches(kept, "stable_spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                       exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
+                       dict(zip(("steps", "stats_steps", "m_norms", "v_norms", "m_maxes"), counters)))
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
     has = dict(HAS_FOUND_INF=found_inf is not None, OFFICIAL=official, num_warps=NUM_WARPS)
     fi = hp if found_inf is None else found_inf
-    for p_like, m_like, launch in launches(_columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                                   exp_avg_sq_scales, counters, bits), checked, device, **_LAYOUT):
+    for p_like, m_like, launch in groups:
         advance(launch, STEP, STATS_STEP, found_inf)
         partials = launch.programs[1]
         work = torch.empty(4 * launch.count + 2 * partials, dtype=torch.float32, device=device)
@@ -387,20 +394,18 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
 
 
 def spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, exp_avg_map,
-              exp_avg_sq_map, bits, hp, *, grad_scale=None, found_inf=None) -> None:
+              exp_avg_sq_map, bits, hp, *, grad_scale=None, found_inf=None, kept=None) -> None:
     """torch.ops.fastopt.spam_step on Triton (same arguments): two launches per group of tensors with the same
     dtypes, one for the step counts, one for the update."""
     if not params:
         return
     device = params[0].device
     checks.hyperparameters(hp, "spam_step", device)
-    checked = checks.step_tensors("spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                  exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps})
+    groups = _launches(kept, "spam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                       exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps})
     hp = device_hp(hp, device)
     maps = [exp_avg_map, exp_avg_sq_map] if bits else [hp, hp]
-    for p_like, m_like, launch in launches(_columns(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                                   exp_avg_sq_scales, [steps, [], [], [], []], bits), checked, device,
-                                           **_LAYOUT):
+    for p_like, m_like, launch in groups:
         advance(launch, STEP, found_inf=found_inf)
         _update(launch, p_like, m_like, maps, hp, hp, grad_scale, found_inf, bits, STABLE=False,
                 OFFICIAL=False)
