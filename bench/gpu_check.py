@@ -39,6 +39,7 @@ TESTS = {  # test file: (the tests of it that run here, as pytest -k; modules it
     "tests/ops/test_parity.py": ("triton", []),
     "tests/ops/test_spam_triton.py": ("", []),
     "tests/ops/test_adam.py": ("triton", []),
+    "tests/ops/test_kept.py": ("triton", []),
 }
 TEST_LIMIT_S = 240   # per test file; the whole check is meant to take under 8 minutes on one H100/H200
 BENCH_LIMIT_S = 300

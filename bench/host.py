@@ -7,20 +7,45 @@ Every contender steps the same ``--tensors`` fp32 tensors of ``--numel`` element
 changed), one step per round in rotated order after warm-up; the table reports medians, and the time of one
 step over a single tensor of the same total size, for each contender, as the floor its kernels set. This is the
 Python and dispatch work a GPU step pays on the host too (a 7B LLaMA has 291 tensors).
+
+The "Triton path, launches stubbed" rows run the GPU path's Python on CPU tensors (Triton's interpreter) with every
+kernel launch replaced by a no-op: what a GPU step costs on the host up to its launches. A real launch adds Triton's
+own cost per launch (2 per step for AdamW, 6 for Stable-SPAM), which only a GPU run measures.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined: the stubbed rows run CPU tensors
 
-import fastopt
-from bench.contenders import RECIPE, with_compiled_step
-from bench.run import add_study_options, machine, parse_study_args, publish, rotated_rounds
+import torch  # noqa: E402
+
+import fastopt  # noqa: E402
+from bench.contenders import RECIPE, with_compiled_step  # noqa: E402
+from bench.run import add_study_options, machine, parse_study_args, publish, rotated_rounds  # noqa: E402
+
+
+class LaunchesStubbed:
+    """``opt.step()`` with every Triton launch a no-op, for the duration of the step only."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        from triton.runtime import interpreter
+
+        launch = interpreter.InterpretedFunction.__getitem__
+        interpreter.InterpretedFunction.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: None
+        try:
+            self.opt.step()
+        finally:
+            interpreter.InterpretedFunction.__getitem__ = launch
 
 
 CONTENDERS = {
@@ -37,6 +62,13 @@ CONTENDERS = {
     "torch AdamW, compiled step": lambda ps: with_compiled_step(torch.optim.AdamW(ps, lr=torch.tensor(1e-3)),
                                                                 fullgraph=False),
 }
+if importlib.util.find_spec("triton") is not None:
+    CONTENDERS.update({
+        f"fastopt {name}, Triton path, launches stubbed": lambda ps, cls=cls, options=options: LaunchesStubbed(
+            cls(ps, lr=1e-3, backend="triton", **options))
+        for name, cls, options in [("AdamW", fastopt.AdamW, {}),
+                                   ("AdamW 4-bit", fastopt.AdamW, {"state_bits": 4, "min_quant_size": 0}),
+                                   ("StableSPAM 4-bit", fastopt.StableSPAM, {"state_bits": 4, "min_quant_size": 0})]})
 BASELINE = "torch AdamW (fused)"
 
 

@@ -102,11 +102,11 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
     are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
     are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
     ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``kept``: a
-    dict in which a Triton launcher keeps what it checked, per storage format (fastopt/ops/checks.py ``Kept``), for a
+    dict in which the op's kernel keeps what it checked, per storage format (fastopt/ops/checks.py ``Kept``), for a
     caller that steps the same tensors with their ``.grad`` at every call (an optimizer's step plan)."""
     op = kernel or step_kernel(name, backend, params[0].device)
-    if backend != "triton" or op is not library.triton_kernel(name):
-        kept = None  # the C++ kernels and the torch.library op take no Kept
+    if op is not (library.cpu_kernel(name) if backend == "cpu" else library.triton_kernel(name)):
+        kept = None  # the torch.library op (compiled, or under a dispatch mode) takes no Kept
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
         if kept is not None:

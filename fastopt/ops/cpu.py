@@ -38,20 +38,35 @@ def _hyperparameters(hp: torch.Tensor, op: str) -> int:
 
 
 def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-             exp_avg_sq_map, bits: int, counters: dict[str, list], max_exp_avg_sqs=()) -> _ext.Moments:
+             exp_avg_sq_map, bits: int, counters: dict[str, list], max_exp_avg_sqs=(),
+             kept: checks.Kept | None = None) -> tuple[_ext.Moments, list[ctypes.Array]]:
     """Checks one step op's tensors (``checks.step_tensors``: every one, before anything changes) and returns the C
-    ABI's fastopt_moments for them (ctypes keeps the arrays it points into alive as long as it lives)."""
-    numels, param_dtypes, state_dtypes = checks.step_tensors(
-        op, _CPU, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-        exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
-    arrays = [_array(ctypes.c_int64, "q", numels), _array(ctypes.c_int32, "i", param_dtypes),
-              _array(ctypes.c_int32, "i", state_dtypes),
-              _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
-    arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
-    arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
-    return _ext.Moments(len(params), *[ctypes.cast(a, f[1]) if a is not None else None
-                                       for a, f in zip(arrays, _ext.Moments._fields_[1:11])], bits,
-                        exp_avg_map.data_ptr() if bits else None, exp_avg_sq_map.data_ptr() if bits else None)
+    ABI's fastopt_moments for them (ctypes keeps the arrays it points into alive as long as it lives) and the
+    counters' pointer arrays. With ``kept`` holding (fastopt/ops/checks.py), only the grads' pointers are read."""
+    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, *counters.values(),
+              exp_avg_map, exp_avg_sq_map, bits)
+    if kept is not None and kept.holds(inputs, params, grads):
+        arrays, counter_arrays = kept.value
+    else:
+        numels, param_dtypes, state_dtypes = checks.step_tensors(
+            op, _CPU, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+            exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
+        arrays = [_array(ctypes.c_int64, "q", numels), _array(ctypes.c_int32, "i", param_dtypes),
+                  _array(ctypes.c_int32, "i", state_dtypes), _pointers(params), None, _pointers(exp_avgs),
+                  _pointers(exp_avg_sqs)]
+        arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
+        arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
+        counter_arrays = [_pointers(xs) for xs in counters.values()]
+        if kept is not None:
+            kept.keep(inputs, params, numels, (arrays, counter_arrays))
+    arrays = [*arrays[:_GRADS], _pointers(grads), *arrays[_GRADS + 1:]]
+    moments = _ext.Moments(len(params), *[ctypes.cast(a, f[1]) if a is not None else None
+                                          for a, f in zip(arrays, _ext.Moments._fields_[1:11])], bits,
+                           exp_avg_map.data_ptr() if bits else None, exp_avg_sq_map.data_ptr() if bits else None)
+    return moments, counter_arrays
+
+
+_GRADS = 4  # the grads' pointers among fastopt_moments' arrays
 
 
 def _amp(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> tuple[float, bool]:
@@ -67,26 +82,26 @@ def _call(function, *args) -> None:
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, steps,
               exp_avg_map, exp_avg_sq_map, bits, hp, *, decoupled, maximize, independent_decay, grad_scale=None,
-              found_inf=None) -> None:
+              found_inf=None, kept=None) -> None:
     op = "adam_step"
     hp_ptr = _hyperparameters(hp, op)
-    moments = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-                             exp_avg_sq_map, bits, {"steps": steps}, max_exp_avg_sqs)
+    moments, (step_ptrs,) = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                                     exp_avg_map, exp_avg_sq_map, bits, {"steps": steps}, max_exp_avg_sqs, kept)
     grad_mul, skip = _amp(grad_scale, found_inf)
     if skip:
         return
-    _call(_ext.library().fastopt_adam_step, moments, _pointers(steps), hp_ptr, decoupled, maximize, independent_decay,
+    _call(_ext.library().fastopt_adam_step, moments, step_ptrs, hp_ptr, decoupled, maximize, independent_decay,
           grad_mul, torch.get_num_threads())
 
 
 def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, stats_steps,
                      m_norms, v_norms, m_maxes, exp_avg_map, exp_avg_sq_map, bits, hp, *, official, grad_stats=None,
-                     grad_scale=None, found_inf=None) -> None:
+                     grad_scale=None, found_inf=None, kept=None) -> None:
     op = "stable_spam_step"
     hp_ptr = _hyperparameters(hp, op)
     counters = {"steps": steps, "stats_steps": stats_steps, "m_norms": m_norms, "v_norms": v_norms, "m_maxes": m_maxes}
-    moments = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-                             exp_avg_sq_map, bits, counters)
+    moments, counter_ptrs = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                                     exp_avg_map, exp_avg_sq_map, bits, counters, kept=kept)
     if grad_stats is not None:
         _check(grad_stats.device.type == "cpu" and grad_stats.dtype == torch.float64 and grad_stats.dim() == 2
                and tuple(grad_stats.shape) == (len(params), 2) and grad_stats.is_contiguous(), op,
@@ -95,20 +110,20 @@ def stable_spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_a
     grad_mul, skip = _amp(grad_scale, found_inf)
     if skip:
         return
-    _call(_ext.library().fastopt_stable_spam_step, moments, *[_pointers(xs) for xs in counters.values()], hp_ptr,
+    _call(_ext.library().fastopt_stable_spam_step, moments, *counter_ptrs, hp_ptr,
           official, grad_mul, grad_stats.data_ptr() if grad_stats is not None else None, torch.get_num_threads())
 
 
 def spam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, exp_avg_map,
-              exp_avg_sq_map, bits, hp, *, grad_scale=None, found_inf=None) -> None:
+              exp_avg_sq_map, bits, hp, *, grad_scale=None, found_inf=None, kept=None) -> None:
     op = "spam_step"
     hp_ptr = _hyperparameters(hp, op)
-    moments = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-                             exp_avg_sq_map, bits, {"steps": steps})
+    moments, (step_ptrs,) = _moments(op, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                                     exp_avg_map, exp_avg_sq_map, bits, {"steps": steps}, kept=kept)
     grad_mul, skip = _amp(grad_scale, found_inf)
     if skip:
         return
-    _call(_ext.library().fastopt_spam_step, moments, _pointers(steps), hp_ptr, grad_mul, torch.get_num_threads())
+    _call(_ext.library().fastopt_spam_step, moments, step_ptrs, hp_ptr, grad_mul, torch.get_num_threads())
 
 
 def grad_stats(grads, clip, grad_scale) -> torch.Tensor:

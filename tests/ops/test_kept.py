@@ -1,10 +1,14 @@
 """A step that steps the same tensors again checks only their grads (fastopt/ops/checks.py ``Kept``): what the
-optimizer's step plan lets the Triton launchers keep between steps, and what makes them check everything again."""
+optimizer's step plan lets the ops' kernels (C++ and Triton) keep between steps, and what makes them check everything
+again."""
 import pytest
 import torch
 
 import fastopt
-from fastopt.ops import adam_step, checks
+from fastopt.ops import adam_step, checks, library
+from tests.conftest import device_of
+
+BACKENDS = ["cpu", "triton"]  # Triton: on the GPU if there is one (make gpu-check), else in the interpreter
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True)
 
@@ -23,16 +27,17 @@ def full_checks(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4}),
                                           (fastopt.StableSPAM, {"state_bits": 8}), (fastopt.SPAM, {})])
-def test_new_grads_are_not_a_new_check_and_moved_params_are(full_checks, cls, options):
+def test_new_grads_are_not_a_new_check_and_moved_params_are(full_checks, cls, options, backend):
     """New grad tensors at every step (zero_grad's default) reuse the checks; a param given new storage
     (``p.data = ...``) is checked again and stepped where it now is, as the reference path steps it."""
     torch.manual_seed(0)
     shapes = [(64, 80), (4097,), (3,)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = cls(params, lr=1e-2, backend="triton", min_quant_size=0, **options)
+    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
     ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
     for step in range(4):
         if step == 2:
@@ -51,21 +56,23 @@ def test_new_grads_are_not_a_new_check_and_moved_params_are(full_checks, cls, op
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def _adam_inputs(n=300, count=3):
-    params = [torch.randn(n + i) for i in range(count)]
+def _adam_inputs(device, n=300, count=3):
+    params = [torch.randn(n + i, device=device) for i in range(count)]
     return (params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
-            [torch.zeros_like(p) for p in params], [], [torch.zeros(()) for _ in params])
+            [torch.zeros_like(p) for p in params], [], [torch.zeros((), device=device) for _ in params])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("change", ["grad dtype", "grad size", "grad strides", "moment replaced in the list",
                                     "list shortened"])
-def test_what_kept_did_not_check_is_checked_again(full_checks, change):
+def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     """Inputs that differ from the kept ones in what a step with its params' grads could not change (or in the list
     entries themselves) raise as without ``kept``, naming the argument, and change nothing."""
-    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs()
+    device = device_of(backend)
+    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(device)
     kept = {}
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend="triton", kept=kept, **HP)
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend="triton", kept=kept, **HP)
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
     assert len(full_checks) == 1
     message = {"grad dtype": r"grads\[1\] dtype differs", "grad size": r"grads\[1\] has 300 elements",
                "grad strides": r"grads\[1\] must be contiguous", "moment replaced in the list": r"exp_avgs\[1\]",
@@ -75,21 +82,20 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change):
     elif change == "grad size":
         grads[1] = grads[1][1:]
     elif change == "grad strides":
-        grads[1] = torch.randn(2 * grads[1].numel())[::2]
+        grads[1] = torch.randn(2 * grads[1].numel(), device=device)[::2]
     elif change == "moment replaced in the list":
-        exp_avgs[1] = torch.zeros(5)
+        exp_avgs[1] = torch.zeros(5, device=device)
     else:
         exp_avg_sqs.pop()
     before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps]
     with pytest.raises(RuntimeError, match=message):
-        if change == "grad strides":  # the launcher itself: the op would pass a contiguous copy
-            from fastopt.ops import library
-            library.triton_kernel("adam_step")(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None,
-                                               0, torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64),
-                                               decoupled=True, maximize=False, independent_decay=False,
-                                               kept=kept[0])
+        if change == "grad strides":  # the kernel itself: the op would pass it a contiguous copy
+            kernel = (library.cpu_kernel if backend == "cpu" else library.triton_kernel)("adam_step")
+            hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
+            kernel(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp, decoupled=True,
+                   maximize=False, independent_decay=False, kept=kept[0])
         else:
-            adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend="triton", kept=kept, **HP)
+            adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
     assert len(full_checks) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
 
