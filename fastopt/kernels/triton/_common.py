@@ -8,6 +8,8 @@ element types of its typed ``*_like`` arguments. Both live on the device and are
 whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with (a table
 that a launch reads while a graph is being captured is kept for the life of the process: the graph holds its address,
 and the cache must never free it). Uploads go through pinned memory, asynchronously: nothing waits for the device.
+A call given a ``Kept`` (fastopt/ops/checks.py) that holds reuses its launch groups: it reads the grads' data pointers
+and nothing else, and finds its table by a key of its own and those pointers.
 
 **Hyperparameters** reach every kernel in ``hp``, a float64 tensor on the params' device in the op's layout
 (fastopt/ops/library.py HP_LAYOUTS), which the kernels read there: nothing recompiles when a value changes and nothing
