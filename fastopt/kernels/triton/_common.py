@@ -8,8 +8,8 @@ element types of its typed ``*_like`` arguments. Both live on the device and are
 whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with (a table
 that a launch reads while a graph is being captured is kept for the life of the process: the graph holds its address,
 and the cache must never free it). Uploads go through pinned memory, asynchronously: nothing waits for the device.
-A call given a ``Kept`` (fastopt/ops/checks.py) that holds reuses its launch groups: it reads the grads' data pointers
-and nothing else, and finds its table by a key of its own and those pointers.
+A call given a ``Kept`` (fastopt/ops/checks.py) that holds reuses its launch groups: of its tensors, it reads the
+grads' data pointers and nothing else.
 
 **Hyperparameters** reach every kernel in ``hp``, a float64 tensor on the params' device in the op's layout
 (fastopt/ops/library.py HP_LAYOUTS), which the kernels read there: nothing recompiles when a value changes and nothing
@@ -173,7 +173,6 @@ def _pointers(column: list) -> tuple[int, ...]:
 
 
 GRADS = 1  # the grads' column in every op's table: the one column that a kept launch reads again at each call
-_tokens = itertools.count()
 
 
 class Launch:
@@ -183,10 +182,10 @@ class Launch:
     the grads' data pointers and finds this call's table (``table``, ``aligned``) and block maps (``maps[k]``, with
     ``programs[k]`` programs); what the pointers and sizes determine (the table's other columns, the block maps,
     whether the streamed tensors are aligned) is computed only when a table is first built. Tables are cached by their
-    contents, or, for a launch that a ``Kept`` holds (``own_key``), by its own key and the grads' pointers alone."""
+    contents."""
 
     def __init__(self, columns: list[list], sizes: tuple[int, ...], device: torch.device, idx: list[int] | None,
-                 blocks: tuple[int, ...] = (BLOCK,), streams: int = 0, own_key: bool = False):
+                 blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
         if any(len(values) != len(sizes) for values in columns):  # zip below would drop rows: a table to crash on
             raise ValueError(f"Launch: columns of {list(map(len, columns))} entries; each needs one per tensor")
         self._counts, self._firsts, self.programs = _layout(sizes, blocks)
@@ -194,8 +193,7 @@ class Launch:
         self.count = len(sizes)
         self._idx, self._sizes, self._streams = idx, sizes, streams
         self._pointers = [() if k == GRADS else _pointers(col) for k, col in enumerate(columns)]
-        self._key = (device, "table", next(_tokens)) if own_key else (device, "table", blocks, streams, sizes,
-                                                                      *self._pointers)
+        self._key = (device, "table", blocks, streams, sizes, *self._pointers)  # and the grads' pointers
         self._map_keys = [(device, "map", block, sizes) for block in blocks]
         self.table = self.aligned = self.maps = None
 
@@ -235,7 +233,7 @@ def launches(kept, inputs: tuple, check: Callable[[], tuple[list[int], list[int]
         for idx in _by_dtypes(param_dtypes, state_dtypes):
             picked = [_pick(values, idx, len(numels)) for values in columns]
             groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device,
-                                                              idx, blocks, streams, own_key=kept is not None)))
+                                                              idx, blocks, streams)))
         if kept is not None:
             kept.keep(inputs, params, numels, groups)
     return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
