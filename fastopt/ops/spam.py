@@ -115,7 +115,7 @@ def stable_spam_step(
     ``hp`` tensor (Triton reads it on the device), the reference reads them on the host. DTensor params (FSDP2) are
     stepped on their local shards with the whole tensors' max|g| and norm, reduced across the ranks that hold the
     other shards: the call is then a collective, which every one of those ranks makes with the same tensors.
-    ``kept`` as in adam_step (not used for DTensor params)."""
+    ``kept`` as in adam_step."""
     check_compat("stable_spam_step", compat)
     if not params:
         return
@@ -140,7 +140,7 @@ def stable_spam_step(
     if group is not None and backend == "triton":  # the launcher reduces across the shards between its kernels
         options["all_reduce"] = lambda x, op: _all_reduce(x, op, group)
         fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp,
-                   kernel=library.triton_kernel("stable_spam_step"), **options)
+                   kernel=library.triton_kernel("stable_spam_step"), kept=kept, **options)
         return
     fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp, kept=kept, **options)
 

@@ -388,13 +388,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_params(group, hp, [p], None, None)
 
     def _check_grads(self, params: list[torch.Tensor], where: str) -> None:
-        """``_check_grad`` of every param, over whole lists first: the params one by one only when one fails or a
-        DTensor is among them (``where`` names the list)."""
+        """``_check_grad`` of every param, over whole lists first: the params one by one only when one fails, to name
+        it (``where`` names the list)."""
         if torch.compiler.is_compiling():  # traced once, then guarded: the plain loop
             return self._check_each_grad(params, where)
         grads = list(map(_grad, params))
         if (any(map(_is_sparse, grads)) or list(map(_shape, grads)) != list(map(_shape, params))
-                or sharding.any_sharded(params) or sharding.any_sharded(grads)):
+                or (sharding.any_sharded(params) or sharding.any_sharded(grads))
+                and list(map(sharding.placement_key, grads)) != list(map(sharding.placement_key, params))):
             self._check_each_grad(params, where)
 
     def _check_each_grad(self, params: list[torch.Tensor], where: str) -> None:

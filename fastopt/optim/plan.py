@@ -29,9 +29,7 @@ class Bucket:
         self.device, self.backend, self.params = device, backend, params
         self._opt, self._group = opt, group
         self._lists: dict[Any, list] = {}
-        # what the kernels keep between steps of these tensors (the ops' ``kept``); DTensors' local shards are new
-        # tensors at every step, so a sharded bucket keeps nothing
-        self.kept = None if sharding.any_sharded(params) else {}
+        self.kept: dict = {}  # what the kernels keep between steps of these tensors (the ops' ``kept``)
 
     def moments(self, name: str, signed: bool) -> list:
         """Moment ``name`` of each param as the ops take it: a float tensor, or codes + scales (quant.Quantized); a
