@@ -54,14 +54,16 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def run_contiguous(kernel, mutated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> None:
+def run_contiguous(kernel, mutated: list[list[torch.Tensor]], read: list[list[torch.Tensor]], **uncopied) -> None:
     """Calls ``kernel(*mutated, *read)`` on contiguous tensors (kernels index flat storage), copying any
-    non-contiguous input first and writing mutated copies back. Contiguous tensors are passed as they are."""
+    non-contiguous input first and writing mutated copies back. Contiguous tensors are passed as they are.
+    ``uncopied``: keyword arguments passed only when no tensor was copied (a ``Kept``, which must not hold copies)."""
     def dense(ts: list[torch.Tensor]) -> list[torch.Tensor]:  # the list itself when all of it is contiguous
         return ts if all(map(torch.Tensor.is_contiguous, ts)) else list(map(torch.Tensor.contiguous, ts))
 
-    fixed = list(map(dense, mutated))
-    kernel(*fixed, *map(dense, read))
+    fixed, dense_read = list(map(dense, mutated)), list(map(dense, read))
+    copied = any(f is not m for f, m in zip(fixed + dense_read, mutated + read))
+    kernel(*fixed, *dense_read, **({} if copied else uncopied))
     for originals, copies in zip(mutated, fixed):
         if copies is not originals:
             for t, c in zip(originals, copies):
@@ -109,8 +111,7 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
         kept = None  # the torch.library op (compiled, or under a dispatch mode) takes no Kept
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
-        if kept is not None:
-            options["kept"] = kept.setdefault(bits, Kept())
+        uncopied = {} if kept is None else {"kept": kept.setdefault(bits, Kept())}
         every = len(idx) == len(params)
         pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
@@ -118,9 +119,10 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
         if bits:
             maps = [ms[0].fmt.table(ms[0].codes.device), vs[0].fmt.table(vs[0].codes.device)]
             quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
-            run_contiguous(lambda ps, *rest: op(ps, rest[-1], *quantized, *rest[:-1], *cs, *maps, bits, hp, **options),
-                           [pick(params), *[pick(f) for f in full]], [pick(grads)])
+            run_contiguous(lambda ps, *rest, **kw: op(ps, rest[-1], *quantized, *rest[:-1], *cs, *maps, bits, hp,
+                                                      **options, **kw),
+                           [pick(params), *[pick(f) for f in full]], [pick(grads)], **uncopied)
         else:
-            run_contiguous(lambda ps, m, v, *rest: op(ps, rest[-1], m, v, [], [], *rest[:-1], *cs, None, None, 0, hp,
-                                                      **options),
-                           [pick(params), ms, vs, *[pick(f) for f in full]], [pick(grads)])
+            run_contiguous(lambda ps, m, v, *rest, **kw: op(ps, rest[-1], m, v, [], [], *rest[:-1], *cs, None, None, 0,
+                                                            hp, **options, **kw),
+                           [pick(params), ms, vs, *[pick(f) for f in full]], [pick(grads)], **uncopied)

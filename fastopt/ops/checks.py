@@ -8,6 +8,7 @@ argument and the tensor's index, as torch's own ops raise.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -180,13 +181,15 @@ def _explain(op: str, device: torch.device, params, grads, exp_avgs, exp_avg_sqs
 class Kept:
     """What a kernel keeps between calls that step the same tensors, so that such a call checks only what changes
     from one step to the next: the grads. An optimizer's step plan holds one per bucket and storage format and passes
-    it at every step (the Triton launchers take it as ``kept``).
+    it at every step (the kernels take it as ``kept``).
 
     ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
-    compared entry by entry, by identity, as torch.compile guards an optimizer's params and states), the params have
-    not moved (``p.data = ...`` moves them), and the grads have the params' element counts and dtypes and are
-    contiguous. The grads must be the params' ``.grad``: torch keeps those on their param's device, which is not read
-    again. ``value`` is what the kernel made of the checked inputs (for Triton: its launch groups)."""
+    compared entry by entry, by identity, as torch.compile guards an optimizer's params and states) at the same data
+    pointer (``t.data = ...`` moves a tensor, as helpers that move an optimizer's state to a device do), the params
+    have their dtypes, and the grads have the params' element counts, dtypes and device and are contiguous. What it
+    does not read again is what only in-place metadata changes (``resize_`` within the storage, ``as_strided_``) could
+    change. ``value`` is what the kernel made of the checked inputs (C++: its pointer arrays; Triton: its launch
+    groups)."""
 
     def __init__(self):
         self.value = None
@@ -201,13 +204,25 @@ class Kept:
                     return False
             elif new is not old and not (type(new) is int and new == old):
                 return False
-        return (tuple(map(_data_ptr, params)) == self._params and len(grads) == len(self._numels)
+        return (_tensor_pointers(inputs) == self._pointers and len(grads) == len(self._numels)
                 and list(map(_numel, grads)) == self._numels and list(map(_dtype, grads)) == self._dtypes
+                and list(map(_dtype, params)) == self._dtypes and set(map(_device_index, grads)) == self._device
                 and all(map(_contiguous, grads)))
 
     def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
         """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
         self._inputs = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs)
-        self._params = tuple(map(_data_ptr, params))
+        self._pointers = _tensor_pointers(inputs)
         self._numels, self._dtypes = list(numels), list(map(_dtype, params))
+        self._device = set(map(_device_index, params))
         self.value = value
+
+
+_device_index = torch.Tensor.get_device  # -1 for CPU tensors: an int, cheaper to read than .device
+
+
+def _tensor_pointers(inputs: tuple) -> tuple[int, ...]:
+    """The data pointers of every tensor among ``inputs`` (in lists, or alone), in order, in one map."""
+    tensors = itertools.chain.from_iterable(x if isinstance(x, (list, tuple)) else (x,) for x in inputs
+                                            if isinstance(x, (list, tuple, torch.Tensor)))
+    return tuple(map(_data_ptr, tensors))

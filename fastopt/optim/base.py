@@ -457,7 +457,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if plan is not None and plan.holds(self, group, params):
             return plan
         self._init_states(group, params)
-        plan = StepPlan(self, group, params)
+        plan = StepPlan(self, group, params, keep)
         if keep:
             plan.keep(self)
             self._plans[id(group)] = plan
@@ -535,16 +535,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return "reference"  # e.g. float64: exact math on the reference path
         return _backends.resolve(self.backend, p.device)
 
-    def _buckets(self, group: dict, params: list[torch.Tensor]) -> list[Bucket]:
+    def _buckets(self, group: dict, params: list[torch.Tensor], kept: bool = False) -> list[Bucket]:
         """Params grouped by device, backend and DTensor mesh and placements (plain tensors: none), so that each
-        bucket's shards reduce over one process group: one multi-tensor op call per bucket."""
+        bucket's shards reduce over one process group: one multi-tensor op call per bucket. ``kept``: buckets of a
+        plan that steps them again, whose kernels keep their checks (plan.Bucket)."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         backends: dict[tuple, str] = {}  # per (device, dtype): resolved once, not per param
         for p in params:
             kind = (p.device, p.dtype)
             backend = backends.get(kind) or backends.setdefault(kind, self._backend_for(p))
             buckets[(p.device, backend, sharding.placement_key(p))].append(p)
-        return [Bucket(self, group, device, backend, ps) for (device, backend, _), ps in buckets.items()]
+        return [Bucket(self, group, device, backend, ps, kept) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -5,7 +5,9 @@ same device, backend and sharding), and each bucket's moments and counters gathe
 Building this costs a few dict lookups and checks per param, more than the fused step of a small tensor, so the
 optimizer keeps one plan per group and reuses it while it holds: the same params have grads, in the same order, and
 every plain param's state is the same dict holding the same tensors (a loaded state_dict, a reset ``opt.state[p]``
-or a moment replaced by hand make a new plan). Values changed in place need nothing: the ops read the tensors.
+or a moment replaced by hand make a new plan). Values changed in place need nothing: the ops read the tensors. The
+kernels keep their checks of a kept plan's tensors between steps (fastopt/ops/checks.py ``Kept``); a tensor moved to
+other storage in place (``t.data = ...``) is checked again.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ if TYPE_CHECKING:
 class Bucket:
     """Params that one fused op call steps, with their state gathered into lists on first use."""
 
-    def __init__(self, opt: FusedOptimizer, group: dict, device: torch.device, backend: str, params: list):
+    def __init__(self, opt: FusedOptimizer, group: dict, device: torch.device, backend: str, params: list,
+                 kept: bool):
         self.device, self.backend, self.params = device, backend, params
         self._opt, self._group = opt, group
         self._lists: dict[Any, list] = {}
-        self.kept: dict = {}  # what the kernels keep between steps of these tensors (the ops' ``kept``)
+        # what the kernels keep between steps of these tensors (the ops' ``kept``), for a bucket stepped again
+        self.kept: dict | None = {} if kept else None
 
     def moments(self, name: str, signed: bool) -> list:
         """Moment ``name`` of each param as the ops take it: a float tensor, or codes + scales (quant.Quantized); a
@@ -51,11 +55,11 @@ class Bucket:
 
 
 class StepPlan:
-    def __init__(self, opt: FusedOptimizer, group: dict, params: list[torch.Tensor]):
+    def __init__(self, opt: FusedOptimizer, group: dict, params: list[torch.Tensor], kept: bool):
         self.group, self.params, self.backend, self.state = group, params, opt.backend, opt.state
         self.plain = [p for p in params if not galore.is_projected(p, group)]
         self.projected = [p for p in params if galore.is_projected(p, group)]
-        self.buckets = opt._buckets(group, self.plain)
+        self.buckets = opt._buckets(group, self.plain, kept)
         self._states = self._sizes = self._values = None
 
     def keep(self, opt: FusedOptimizer) -> None:

@@ -6,7 +6,7 @@ import torch
 
 import fastopt
 from fastopt.ops import adam_step, checks, library
-from tests.conftest import device_of
+from tests.conftest import TRITON_DEVICE, device_of
 
 BACKENDS = ["cpu", "triton"]  # Triton: on the GPU if there is one (make gpu-check), else in the interpreter
 
@@ -56,15 +56,78 @@ def test_new_grads_are_not_a_new_check_and_moved_params_are(full_checks, cls, op
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.StableSPAM, {"state_bits": 4})])
+def test_state_moved_in_place_is_checked_again(full_checks, cls, options, backend):
+    """A state tensor given new storage in place (``t.data = t.data.to(device)``, as helpers that move an optimizer's
+    state do) is checked again and stepped where it now is; the storage it left is not written."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in [(64, 80), (4097,)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
+    ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
+    left = []
+    for step in range(3):
+        if step == 2:
+            for state in (opt.state[params[1]], ref.state[twins[1]]):
+                for t in state.values():
+                    if isinstance(t, torch.Tensor):
+                        left.append((t.detach(), t.detach().clone()))
+                        t.data = t.detach().clone()
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert len(full_checks) == 2
+    assert all(torch.equal(old, copy) for old, copy in left)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.state[params[1]]["step"].item() == ref.state[twins[1]]["step"].item() == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copies_of_strided_params_are_not_kept(backend):
+    """A strided param is stepped through a contiguous copy, made anew at every step: nothing keeps the copy alive
+    between steps (the params' own tensors are the ones a Kept may hold)."""
+    base = torch.randn(40, 30, device=device_of(backend))
+    params = [torch.nn.Parameter(base.t()), torch.nn.Parameter(torch.randn(100, device=base.device))]
+    opt = fastopt.AdamW(params, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    plan = next(iter(opt._plans.values()))
+    assert all(k.value is None for b in plan.buckets for k in b.kept.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_dtype_reinterpreted_in_place_is_checked_again(backend):
+    """A param viewed as another dtype of its size in place keeps its pointer, its shape and its grad's dtype: the
+    grads then differ from it, which the kept check sees."""
+    params = [torch.nn.Parameter(torch.randn(300, device=device_of(backend)).bfloat16())]
+    opt = fastopt.AdamW(params, backend=backend)
+    for step in range(2):
+        params[0].grad = torch.randn_like(params[0])
+        opt.step()
+    params[0].data = params[0].data.view(torch.float16)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] dtype differs from params\[0\]"):
+        opt.step()
+
+
 def _adam_inputs(device, n=300, count=3):
     params = [torch.randn(n + i, device=device) for i in range(count)]
     return (params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
             [torch.zeros_like(p) for p in params], [], [torch.zeros((), device=device) for _ in params])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("change", ["grad dtype", "grad size", "grad strides", "moment replaced in the list",
-                                    "list shortened"])
+CHANGES = [(change, backend) for change in ["grad dtype", "grad size", "grad strides", "moment replaced in the list",
+                                            "list shortened"] for backend in BACKENDS]
+if TRITON_DEVICE.type == "cuda":  # a grad moved off its param's device (p.grad.data = ...): only a GPU has another
+    CHANGES.append(("grad device", "triton"))
+
+
+@pytest.mark.parametrize("change, backend", CHANGES)
 def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     """Inputs that differ from the kept ones in what a step with its params' grads could not change (or in the list
     entries themselves) raise as without ``kept``, naming the argument, and change nothing."""
@@ -76,13 +139,15 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     assert len(full_checks) == 1
     message = {"grad dtype": r"grads\[1\] dtype differs", "grad size": r"grads\[1\] has 300 elements",
                "grad strides": r"grads\[1\] must be contiguous", "moment replaced in the list": r"exp_avgs\[1\]",
-               "list shortened": "same length"}[change]
+               "list shortened": "same length", "grad device": r"grads\[1\] must be on"}[change]
     if change == "grad dtype":
         grads[1] = grads[1].to(torch.bfloat16)
     elif change == "grad size":
         grads[1] = grads[1][1:]
     elif change == "grad strides":
         grads[1] = torch.randn(2 * grads[1].numel(), device=device)[::2]
+    elif change == "grad device":
+        grads[1] = grads[1].cpu()
     elif change == "moment replaced in the list":
         exp_avgs[1] = torch.zeros(5, device=device)
     else:
