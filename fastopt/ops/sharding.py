@@ -49,10 +49,17 @@ def local(t):
 def local_lists(*lists: list) -> list[list]:
     """The op arguments as the kernels take them: DTensors, and Quantized moments whose codes and scales are DTensors,
     replaced by their local shards (quantized ones flat, as the kernels index them). Lists without a DTensor pass
-    as they are."""
+    as they are (an optimizer's moments, which its step plan holds as local shards already)."""
     if not any_sharded(lists[0]):
         return list(lists)
-    return [[local_moment(x) for x in xs] for xs in lists]
+    return [list(map(local_moment, xs)) if _holds_sharded(xs) else xs for xs in lists]
+
+
+def _holds_sharded(xs: list) -> bool:
+    """Whether ``xs`` holds a DTensor, or a Quantized moment of DTensors."""
+    if Quantized in set(map(type, xs)):
+        return any(isinstance(x.codes, DTensor) for x in xs if isinstance(x, Quantized)) or any_sharded(xs)
+    return any_sharded(xs)
 
 
 def local_moment(x):
