@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the C++ side of the op tests (the Triton cases run Python in the interpreter: nothing for the sanitizers to see)
 TESTS = ["tests/ops/test_parity.py", "tests/ops/test_library.py", "tests/ops/test_adam.py",
          "tests/ops/test_adam_quantized.py", "tests/ops/test_spam_cpu.py", "tests/ops/test_properties.py",
-         "tests/quant/test_formats.py", "-k", "not triton"]
+         "tests/ops/test_kept.py", "tests/quant/test_formats.py", "-k", "not triton"]
 FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
 
