@@ -23,7 +23,10 @@ class BuildLibrary(build_ext):
         return str(Path(*fullname.split(".")[:-1], _build.LIBRARY))
 
     def build_extension(self, ext: Extension) -> None:
-        _build.build(Path(self.get_ext_fullpath(ext.name)), Path(self.build_temp) / "fastopt_cpu", log=self.announce)
+        # an editable install keeps its objects in the checkout, so that the next build (and the JIT test, which
+        # starts from them) compiles only what changed
+        objects = ROOT / "build" / "objects" if self.editable_mode else Path(self.build_temp) / "fastopt_cpu"
+        _build.build(Path(self.get_ext_fullpath(ext.name)), objects, log=self.announce)
 
 
 class PlatformWheel(bdist_wheel):

@@ -123,17 +123,24 @@ def openmp_entry() -> int | None:
 
 
 def _jit_build() -> Path:
-    from fastopt._build import CSRC, LIBRARY, SOURCES, build, headers
+    from fastopt._build import CSRC, LIBRARY, SOURCES, build
 
     if os.environ.get("FASTOPT_NO_JIT") == "1":
         raise RuntimeError("FASTOPT_NO_JIT=1 forbids a JIT build")
     if not all((CSRC / s).is_file() for s in SOURCES):
         raise RuntimeError(f"there is no csrc/ to build them from ({CSRC})")
+    cache = jit_cache()
+    return build(cache / LIBRARY, cache / "objects")
+
+
+def jit_cache() -> Path:
+    """Where a JIT build goes: a folder of the user's cache named by the sources' contents."""
+    from fastopt._build import CSRC, SOURCES, headers
+
     digest = hashlib.sha256()
     for path in [CSRC / s for s in SOURCES] + headers():
         digest.update(path.read_bytes())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastopt" / digest.hexdigest()[:16]
-    return build(cache / LIBRARY, cache / "objects")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastopt" / digest.hexdigest()[:16]
 
 
 # ---- the ISA the kernels run ---------------------------------------------------------------------------------------
