@@ -71,13 +71,16 @@ build: $(BUILT)
 
 deps: $(DEPS)
 
-# An sdist, and a wheel built from it with the compiled kernels (portable flags: the ISA is chosen at run time),
+# An sdist, and a wheel with the compiled kernels (portable flags: the ISA is chosen at run time), both from the
+# checkout: the wheel links the objects that `make build` compiled with the same flags (build/objects; a test checks
+# that the sdist holds every file a build from it needs),
 # checked and tagged manylinux_2_28 by auditwheel (it fails if the library needs more than that policy allows).
 wheel: $(WHEEL)
 
 $(WHEEL): $(DEPS) $(SOURCES) Makefile $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
 	rm -rf dist && mkdir -p dist/linux
-	$(PY) -m build --no-isolation --outdir dist/linux . > dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)
+	$(PY) -m build --no-isolation --sdist --wheel --outdir dist/linux . > dist/build.log 2>&1 || \
+		(tail -30 dist/build.log; exit 1)
 	mv dist/linux/*.tar.gz dist/
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair --plat manylinux_2_28_x86_64 --only-plat \
 		--wheel-dir dist dist/linux/*.whl >> dist/build.log 2>&1 || (tail -30 dist/build.log; exit 1)

@@ -23,10 +23,9 @@ class BuildLibrary(build_ext):
         return str(Path(*fullname.split(".")[:-1], _build.LIBRARY))
 
     def build_extension(self, ext: Extension) -> None:
-        # an editable install keeps its objects in the checkout, so that the next build (and the JIT test, which
-        # starts from them) compiles only what changed
-        objects = ROOT / "build" / "objects" if self.editable_mode else Path(self.build_temp) / "fastopt_cpu"
-        _build.build(Path(self.get_ext_fullpath(ext.name)), objects, log=self.announce)
+        # the objects stay next to setup.py, so that the next build from this tree (an editable install, the wheel,
+        # the JIT test, which starts from them) compiles only what changed
+        _build.build(Path(self.get_ext_fullpath(ext.name)), ROOT / "build" / "objects", log=self.announce)
 
 
 class PlatformWheel(bdist_wheel):

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -70,6 +71,18 @@ def test_wheel_is_manylinux_for_every_python_3():
     found = re.search(r'consistent with\s+the following platform tag:\s+"manylinux_2_(\d+)_x86_64"', shown)
     assert found and int(found.group(1)) <= 28, shown
     assert sorted((ROOT / "dist").glob("fastopt-*.tar.gz")), "make wheel builds the sdist too"
+
+
+def test_the_sdist_holds_every_file_a_build_needs():
+    """make wheel builds the wheel from the checkout, beside the sdist: a build from the sdist needs every tracked file
+    of the package, the C++ sources and the build's description."""
+    sdists = sorted((ROOT / "dist").glob("fastopt-*.tar.gz"))
+    assert len(sdists) == 1, sdists
+    with tarfile.open(sdists[0]) as sdist:
+        held = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    tracked = subprocess.run(["git", "ls-files", "csrc", "fastopt", "setup.py", "pyproject.toml", "README.md"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert tracked and set(tracked) <= held, sorted(set(tracked) - held)
 
 
 def test_wheel_metadata_tells_the_truth():
