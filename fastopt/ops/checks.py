@@ -178,10 +178,28 @@ def _explain(op: str, device: torch.device, params, grads, exp_avgs, exp_avg_sqs
                   f"{what}[{i}] must be a float32 {kind} scalar tensor")
 
 
+def checked_once(kept: Kept | None, build, op: str, device: torch.device, params, grads, exp_avgs, exp_avg_sqs,
+                 exp_avg_scales, exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits: int, counters: dict[str, list],
+                 max_exp_avg_sqs=()):
+    """``build(step_tensors(...))``: what a kernel makes of one step op call's tensors once they are checked (C++: its
+    pointer arrays; Triton: its launch groups). With ``kept`` (an optimizer's, or None): the value it kept when it
+    holds for these tensors, which then checks only the grads; else the value just built, which it keeps."""
+    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, *counters.values(),
+              exp_avg_map, exp_avg_sq_map, bits)
+    if kept is not None and kept.holds(inputs, params, grads):
+        return kept.value
+    checked = step_tensors(op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                           exp_avg_map, exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
+    value = build(checked)
+    if kept is not None:
+        kept.keep(inputs, params, checked[0], value)
+    return value
+
+
 class Kept:
     """What a kernel keeps between calls that step the same tensors, so that such a call checks only what changes
     from one step to the next: the grads. An optimizer's step plan holds one per bucket and storage format and passes
-    it at every step (the kernels take it as ``kept``).
+    it at every step (the kernels take it as ``kept``, and pass it to ``checked_once``).
 
     ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
     compared entry by entry, by identity, as torch.compile guards an optimizer's params and states) at the same data

@@ -42,23 +42,19 @@ def _moments(op: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_
              kept: checks.Kept | None = None) -> tuple[_ext.Moments, list[ctypes.Array]]:
     """Checks one step op's tensors (``checks.step_tensors``: every one, before anything changes) and returns the C
     ABI's fastopt_moments for them (ctypes keeps the arrays it points into alive as long as it lives) and the
-    counters' pointer arrays. With ``kept`` holding (fastopt/ops/checks.py), only the grads' pointers are read."""
-    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, *counters.values(),
-              exp_avg_map, exp_avg_sq_map, bits)
-    if kept is not None and kept.holds(inputs, params, grads):
-        arrays, counter_arrays = kept.value
-    else:
-        numels, param_dtypes, state_dtypes = checks.step_tensors(
-            op, _CPU, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-            exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
+    counters' pointer arrays. With ``kept`` holding (``checks.checked_once``), only the grads' pointers are read."""
+    def build(checked) -> tuple[list, list[ctypes.Array]]:
+        numels, param_dtypes, state_dtypes = checked
         arrays = [_array(ctypes.c_int64, "q", numels), _array(ctypes.c_int32, "i", param_dtypes),
                   _array(ctypes.c_int32, "i", state_dtypes), _pointers(params), None, _pointers(exp_avgs),
                   _pointers(exp_avg_sqs)]
         arrays += [_pointers(exp_avg_scales), _pointers(exp_avg_sq_scales)] if bits else [None, None]
         arrays.append(_pointers(max_exp_avg_sqs) if max_exp_avg_sqs else None)
-        counter_arrays = [_pointers(xs) for xs in counters.values()]
-        if kept is not None:
-            kept.keep(inputs, params, numels, (arrays, counter_arrays))
+        return arrays, [_pointers(xs) for xs in counters.values()]
+
+    arrays, counter_arrays = checks.checked_once(kept, build, op, _CPU, params, grads, exp_avgs, exp_avg_sqs,
+                                                 exp_avg_scales, exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits,
+                                                 counters, max_exp_avg_sqs)
     arrays = [*arrays[:_GRADS], _pointers(grads), *arrays[_GRADS + 1:]]
     moments = _ext.Moments(len(params), *[ctypes.cast(a, f[1]) if a is not None else None
                                           for a, f in zip(arrays, _ext.Moments._fields_[1:11])], bits,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import triton
@@ -216,27 +216,19 @@ class Launch:
         return self
 
 
-def launches(kept, inputs: tuple, check: Callable[[], tuple[list[int], list[int], list[int]]], columns: list[list],
-             device: torch.device, *, blocks: tuple[int, ...] = (BLOCK,), streams: int = 0):
-    """(a param, a moment, Launch) per group of tensors with the same dtypes, for this call. ``columns`` are the
-    table's columns over all the op's tensors (params first, grads second, first moments third; an empty list for one
-    the op was not given); ``check()`` runs ``fastopt.ops.checks.step_tensors`` on them and gives its result (sizes
-    and dtypes). ``kept`` (a ``fastopt.ops.checks.Kept``, or None) skips the check and the grouping when it holds for
-    ``inputs`` (the op's arguments but the grads and the hyperparameters). The param and the moment give the kernels
-    their element types."""
-    params, grads = columns[0], columns[GRADS]
-    if kept is not None and kept.holds(inputs, params, grads):
-        groups = kept.value
-    else:
-        numels, param_dtypes, state_dtypes = check()
-        groups = []
-        for idx in _by_dtypes(param_dtypes, state_dtypes):
-            picked = [_pick(values, idx, len(numels)) for values in columns]
-            groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device,
-                                                              idx, blocks, streams)))
-        if kept is not None:
-            kept.keep(inputs, params, numels, groups)
-    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
+def launch_groups(columns: list[list], checked: tuple[list[int], list[int], list[int]], device: torch.device, *,
+                  blocks: tuple[int, ...] = (BLOCK,), streams: int = 0) -> list[tuple[Any, Any, Launch]]:
+    """(a param, a moment, Launch) per group of tensors with the same dtypes: ``columns`` are the table's columns over
+    all the op's tensors (params first, grads second, first moments third; an empty list for one the op was not
+    given), ``checked`` what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and dtypes). The param and
+    the moment give the kernels their element types; each call sets its launches up with ``Launch.for_grads``."""
+    numels, param_dtypes, state_dtypes = checked
+    groups = []
+    for idx in _by_dtypes(param_dtypes, state_dtypes):
+        picked = [_pick(values, idx, len(numels)) for values in columns]
+        groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device, idx,
+                                                          blocks, streams)))
+    return groups
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column,
-                                            launches, load, program_tensor, store_rounded)
+                                            launch_groups, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 from fastopt.ops import checks
@@ -317,16 +317,15 @@ _LAYOUT = dict(blocks=(BLOCK, PARTIAL_BLOCK.value), streams=V_SCALES.value + 1) 
 
 def _launches(kept, op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
               exp_avg_sq_map, bits, counters: dict[str, list]) -> list:
-    """The launch groups of a call (fastopt/kernels/triton/_common.py ``launches``), with the table's columns (above)
-    over all the op's tensors; SPAM's table has no statistics columns."""
+    """This call's launch groups (fastopt/kernels/triton/_common.py), their tables set up for ``grads``, with the
+    table's columns (above) over all the op's tensors; SPAM's table has no statistics columns."""
     scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
     columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, *counters.values()]
-    columns += [[]] * (COLUMNS.value - 3 - len(columns))
-    inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, *counters.values(), exp_avg_map,
-              exp_avg_sq_map, bits)
-    return launches(kept, inputs, lambda: checks.step_tensors(
-        op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-        exp_avg_sq_map, bits, counters), columns, device, **_LAYOUT)
+    columns += [[]] * (N.value - len(columns))  # pointer columns up to the element count's
+    groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, **_LAYOUT), op, device,
+                                 params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
+                                 exp_avg_sq_map, bits, counters)
+    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
 
 
 def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, **modes) -> None:
