@@ -23,9 +23,7 @@ class BuildLibrary(build_ext):
         return str(Path(*fullname.split(".")[:-1], _build.LIBRARY))
 
     def build_extension(self, ext: Extension) -> None:
-        # the objects stay next to setup.py, so that the next build from this tree (an editable install, the wheel,
-        # the JIT test, which starts from them) compiles only what changed
-        _build.build(Path(self.get_ext_fullpath(ext.name)), ROOT / "build" / "objects", log=self.announce)
+        _build.build(Path(self.get_ext_fullpath(ext.name)), _build.OBJECTS, log=self.announce)
 
 
 class PlatformWheel(bdist_wheel):

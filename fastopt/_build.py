@@ -17,6 +17,9 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 LIBRARY = "libfastopt_cpu.so"
+# where builds from this tree keep their objects (setup.py: editable installs and wheels), so that the next build
+# (and the JIT test, which starts from them) compiles only what changed
+OBJECTS = CSRC.parent / "build" / "objects"
 SOURCES = ["ops.cpp", "cpu_kernels.cpp"]
 # -ffp-contract=fast (GCC's default for C++, spelled out): a·b + c becomes one FMA alike in the hand-written SIMD
 # code and in the auto-vectorized loops, which is what makes the AVX-512 and AVX2 kernels agree bit for bit.

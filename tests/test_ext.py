@@ -99,9 +99,8 @@ def test_a_stale_library_falls_back_to_a_jit_build(stale_library, monkeypatch, t
     monkeypatch.setattr(_ext, "INSTALLED", stale_library)
     monkeypatch.delenv("FASTOPT_NO_JIT", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    built = Path(_build.CSRC).parent / "build" / "objects"
-    if built.is_dir():
-        shutil.copytree(built, _ext.jit_cache() / "objects")  # file times kept: up to date where they were
+    if _build.OBJECTS.is_dir():
+        shutil.copytree(_build.OBJECTS, _ext.jit_cache() / "objects")  # file times kept: up to date where they were
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a JIT build that works is silent
         how, library = _ext._load.__wrapped__()

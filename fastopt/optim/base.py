@@ -535,9 +535,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return "reference"  # e.g. float64: exact math on the reference path
         return _backends.resolve(self.backend, p.device)
 
-    def _buckets(self, group: dict, params: list[torch.Tensor], kept: bool = False) -> list[Bucket]:
+    def _buckets(self, group: dict, params: list[torch.Tensor], keep: bool = False) -> list[Bucket]:
         """Params grouped by device, backend and DTensor mesh and placements (plain tensors: none), so that each
-        bucket's shards reduce over one process group: one multi-tensor op call per bucket. ``kept``: buckets of a
+        bucket's shards reduce over one process group: one multi-tensor op call per bucket. ``keep``: buckets of a
         plan that steps them again, whose kernels keep their checks (plan.Bucket)."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         backends: dict[tuple, str] = {}  # per (device, dtype): resolved once, not per param
@@ -545,7 +545,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             kind = (p.device, p.dtype)
             backend = backends.get(kind) or backends.setdefault(kind, self._backend_for(p))
             buckets[(p.device, backend, sharding.placement_key(p))].append(p)
-        return [Bucket(self, group, device, backend, ps, kept) for (device, backend, _), ps in buckets.items()]
+        return [Bucket(self, group, device, backend, ps, keep) for (device, backend, _), ps in buckets.items()]
 
     # ---- state_dict (fastopt/optim/checkpoint.py) ------------------------------------------------------------
     def state_dict(self) -> dict:

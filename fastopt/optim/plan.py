@@ -28,12 +28,12 @@ class Bucket:
     """Params that one fused op call steps, with their state gathered into lists on first use."""
 
     def __init__(self, opt: FusedOptimizer, group: dict, device: torch.device, backend: str, params: list,
-                 kept: bool):
+                 keep: bool):
         self.device, self.backend, self.params = device, backend, params
         self._opt, self._group = opt, group
         self._lists: dict[Any, list] = {}
         # what the kernels keep between steps of these tensors (the ops' ``kept``), for a bucket stepped again
-        self.kept: dict | None = {} if kept else None
+        self.kept: dict | None = {} if keep else None
 
     def moments(self, name: str, signed: bool) -> list:
         """Moment ``name`` of each param as the ops take it: a float tensor, or codes + scales (quant.Quantized); a
@@ -55,11 +55,11 @@ class Bucket:
 
 
 class StepPlan:
-    def __init__(self, opt: FusedOptimizer, group: dict, params: list[torch.Tensor], kept: bool):
+    def __init__(self, opt: FusedOptimizer, group: dict, params: list[torch.Tensor], keep: bool):
         self.group, self.params, self.backend, self.state = group, params, opt.backend, opt.state
         self.plain = [p for p in params if not galore.is_projected(p, group)]
         self.projected = [p for p in params if galore.is_projected(p, group)]
-        self.buckets = opt._buckets(group, self.plain, kept)
+        self.buckets = opt._buckets(group, self.plain, keep)
         self._states = self._sizes = self._values = None
 
     def keep(self, opt: FusedOptimizer) -> None:
