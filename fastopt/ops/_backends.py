@@ -95,7 +95,7 @@ def step_kernel(name: str, backend: str, device: torch.device):
 
 def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]],
                hp: torch.Tensor, *, full: list[list[torch.Tensor]] = (),
-               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, kept: dict | None = None,
+               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, kept: dict | int | None = None,
                **options) -> None:
     """Runs the fused step op ``name`` (``step_kernel``) once per storage format among the tensors: float moments
     (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
@@ -103,15 +103,20 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
     moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
     are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
     are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
-    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``kept``: a
-    dict in which the op's kernel keeps what it checked, per storage format (fastopt/ops/checks.py ``Kept``), for a
-    caller that steps the same tensors with their ``.grad`` at every call (an optimizer's step plan)."""
+    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``kept``: for a
+    caller that steps the same tensors with their ``.grad`` at every call (an optimizer's step plan), where the op's
+    kernel keeps what it checked (fastopt/ops/checks.py ``Kept``): a dict, in which it keeps one per storage format, or,
+    in a compiled step, the optimizer's host id, under which the torch.library op keeps them (library.register_host)."""
     op = kernel or step_kernel(name, backend, params[0].device)
-    if op is not (library.cpu_kernel(name) if backend == "cpu" else library.triton_kernel(name)):
-        kept = None  # the torch.library op (compiled, or under a dispatch mode) takes no Kept
+    direct = op is (library.cpu_kernel(name) if backend == "cpu" else library.triton_kernel(name))
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
-        uncopied = {} if kept is None else {"kept": kept.setdefault(bits, Kept())}
+        if isinstance(kept, dict) and direct:
+            uncopied = {"kept": kept.setdefault(bits, Kept())}
+        elif isinstance(kept, int) and op is getattr(torch.ops.fastopt, name):
+            uncopied = {"host": kept}
+        else:  # the torch.library op called eagerly (under a dispatch mode) keeps nothing
+            uncopied = {}
         every = len(idx) == len(params)
         pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
         ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]

@@ -20,6 +20,10 @@ recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
 ``grad_stats`` gives per tensor max|g| and Σg² (after an optional AdaClip), the statistics that Stable-SPAM reduces
 across the shards of sharded params before its step op takes them as ``grad_stats`` (fastopt/ops/spam.py).
 
+A step op's ``host`` is -1, or, in a compiled optimizer step, the optimizer's id (``register_host``): its kernel then
+keeps its checks of the tensors between calls, as an eager step's kernels do (fastopt/ops/checks.py ``Kept``), in a
+store that lives as long as the optimizer.
+
 ``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
 a compiled ``step()`` calls back into Python for it at every step instead of baking its values into the graph.
 ``galore_step`` does the same for a group's GaLore params: its refreshes are decided on the host from counters, and
@@ -36,11 +40,11 @@ from typing import Callable
 import torch
 
 from fastopt import _ext
-from fastopt.ops.checks import BLOCKS, HP_LAYOUTS
+from fastopt.ops.checks import BLOCKS, HP_LAYOUTS, Kept
 
 _STORAGE = "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales"
 _MAPS_BITS_HP = "Tensor? exp_avg_map, Tensor? exp_avg_sq_map, int bits, Tensor hp"
-_AMP = "Tensor? grad_scale=None, Tensor? found_inf=None"
+_AMP = "Tensor? grad_scale=None, Tensor? found_inf=None, int host=-1"
 SCHEMAS = {
     "adam_step": f"(Tensor(a!)[] params, Tensor[] grads, {_STORAGE}, Tensor(f!)[] max_exp_avg_sqs, "
                  f"Tensor(g!)[] steps, {_MAPS_BITS_HP}, *, bool decoupled, bool maximize, bool independent_decay, "
@@ -91,16 +95,42 @@ def _(codes, scales, map, bits, n):
 
 # ---- the host part of a step ---------------------------------------------------------------------------------
 _hosts: dict[int, tuple[weakref.ref, dict[str, Callable]]] = {}
+_kept: dict[int, dict[tuple, Kept]] = {}  # host -> what its compiled step's kernels keep, per call
 _host_ids = itertools.count()
+_KEPT_PER_HOST = 64  # calls of step ops per compiled step (one per bucket and storage format) before a store is reset
 
 
 def register_host(owner: object, **callbacks: Callable) -> int:
     """Registers an optimizer's host callbacks and returns the id that ``host_values`` and ``galore_step`` take:
     ``values(owner, step_count) -> list[float]`` (the floats its step computes on the host) and
-    ``galore_step(owner, group, params, grads, state, step_count)``. The entry lives as long as ``owner``."""
+    ``galore_step(owner, group, params, grads, state, step_count)``; the step ops take it as ``host``. The entry, and
+    what the step ops keep under it, live as long as ``owner``."""
     key = next(_host_ids)
-    _hosts[key] = (weakref.ref(owner, lambda _: _hosts.pop(key, None)), callbacks)
+
+    def forget(_) -> None:
+        _hosts.pop(key, None)
+        _kept.pop(key, None)
+
+    _hosts[key] = (weakref.ref(owner, forget), callbacks)
+    _kept[key] = {}
     return key
+
+
+def _keeping(name: str, kernel: Callable[[], Callable]) -> Callable:
+    """Step op ``name``'s kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with the Kept of this
+    call (one per op, first param and list length: a Kept that does not hold for the tensors is simply rebuilt)."""
+    def run(params, *args, host: int = -1, **kwargs):
+        store = _kept.get(host)
+        if store is not None and params:
+            key = (name, id(params[0]), len(params))
+            kept = store.get(key)
+            if kept is None:
+                if len(store) >= _KEPT_PER_HOST:
+                    store.clear()
+                kept = store[key] = Kept()
+            kwargs["kept"] = kept
+        return kernel()(params, *args, **kwargs)
+    return run
 
 
 def _callback(host: int, name: str) -> Callable:
@@ -140,13 +170,15 @@ if CPU_KERNELS:
     from fastopt.ops import cpu
 
     for _name, _kernel in cpu.KERNELS.items():
-        _library.impl(_name, _kernel, "CPU")
+        _library.impl(_name, _keeping(_name, lambda k=_kernel: k) if _name in STEP_OPS else _kernel, "CPU")
 
 # The Triton launchers are the ops' GPU kernels.
 TRITON_OPS = ("adam_step", "stable_spam_step", "spam_step", "quantize_blockwise", "dequantize_blockwise")
 if importlib.util.find_spec("triton") is not None:
     for _name in TRITON_OPS:
-        _library.impl(_name, lambda *args, _name=_name, **kwargs: triton_kernel(_name)(*args, **kwargs), "CUDA")
+        _launcher = lambda _name=_name: triton_kernel(_name)  # noqa: E731
+        _library.impl(_name, _keeping(_name, _launcher) if _name in STEP_OPS else
+                      lambda *args, _launcher=_launcher, **kwargs: _launcher()(*args, **kwargs), "CUDA")
 
 
 def pack_hyperparameters(op: str, **named: float | torch.Tensor) -> torch.Tensor:

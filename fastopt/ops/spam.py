@@ -105,7 +105,7 @@ def stable_spam_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-    kept: dict | None = None,
+    kept: dict | int | None = None,
 ) -> None:
     """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
@@ -218,7 +218,7 @@ def spam_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-    kept: dict | None = None,
+    kept: dict | int | None = None,
 ) -> None:
     """One SPAM step for tensors on one device. ``steps`` (t) are float32 0-d counters. ``scale`` is s, ``reset``
     whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step. Tensor

@@ -451,14 +451,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _plan(self, group: dict, params: list[torch.Tensor], keep: bool) -> StepPlan:
         """The step plan of ``params`` (fastopt/optim/plan.py), their state initialized: step() keeps one per group
-        and reuses it while it holds; a compiled step() builds it as it traces (the optimizer is not mutated)."""
-        keep = keep and not torch.compiler.is_compiling()
-        plan = self._plans.get(id(group)) if keep else None
+        and reuses it while it holds; a compiled step() builds it as it traces (the optimizer is not mutated), its
+        buckets keeping their kernels' checks under the optimizer's host id."""
+        compiled = torch.compiler.is_compiling()
+        plan = self._plans.get(id(group)) if keep and not compiled else None
         if plan is not None and plan.holds(self, group, params):
             return plan
         self._init_states(group, params)
         plan = StepPlan(self, group, params, keep)
-        if keep:
+        if keep and not compiled:
             plan.keep(self)
             self._plans[id(group)] = plan
         return plan

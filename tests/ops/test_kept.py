@@ -1,6 +1,9 @@
 """A step that steps the same tensors again checks only their grads (fastopt/ops/checks.py ``Kept``): what the
 optimizer's step plan lets the ops' kernels (C++ and Triton) keep between steps, and what makes them check everything
 again."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -178,3 +181,60 @@ def test_kept_compares_list_entries_not_lists():
     assert not kept.holds((params, 8), params, grads)
     params[0] = b
     assert not kept.holds((params, 4), params, grads)
+
+
+# Backends a compiled step runs: the C++ kernels, and Triton on a GPU (not in the interpreter, which it refuses).
+COMPILED = ["cpu"] + (["triton"] if TRITON_DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4}),
+                                          (fastopt.StableSPAM, {"state_bits": 8}), (fastopt.SPAM, {})])
+def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend):
+    """The torch.library op of a compiled step keeps its kernel's checks under the optimizer (``host``): new grads
+    are no new check, a state moved in place is, and the steps equal the reference path's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in [(64, 80), (4097,), (3,)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
+    ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
+    step = torch.compile(opt.step, fullgraph=True)
+    for i in range(4):
+        if i == 2:
+            for state in (opt.state[params[1]], ref.state[twins[1]]):
+                for t in state.values():
+                    if isinstance(t, torch.Tensor):
+                        t.data = t.detach().clone()
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+        assert len(full_checks) == (1 if i < 2 else 2), (i, full_checks)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_what_the_op_keeps_under_an_optimizer_goes_with_it(full_checks):
+    """The torch.library op given a ``host`` (a compiled step's optimizer) keeps its checks in the store of that
+    optimizer, which holds the tensors until the optimizer is gone."""
+    class Optimizer:
+        pass
+
+    owner = Optimizer()
+    host = library.register_host(owner)
+    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(torch.device("cpu"))
+    hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
+    for _ in range(2):
+        torch.ops.fastopt.adam_step(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp,
+                                    decoupled=True, maximize=False, independent_decay=False, host=host)
+    assert len(full_checks) == 1 and [s.item() for s in steps] == [2, 2, 2]
+    moment = weakref.ref(exp_avgs[0])
+    del params, grads, exp_avgs, exp_avg_sqs, steps
+    gc.collect()
+    assert moment() is not None
+    del owner
+    gc.collect()
+    assert host not in library._kept and moment() is None
