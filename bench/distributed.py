@@ -65,7 +65,7 @@ class CollectiveClock:
 def _rank(rank: int, world: int, port: int, preset: str, rounds: int, warmup: int, only, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     import fastopt._ext
 
@@ -75,7 +75,13 @@ def _rank(rank: int, world: int, port: int, preset: str, rounds: int, warmup: in
     fastopt._ext.load()
     mesh = init_device_mesh("cpu", (world,))
     shapes = llama_shapes(**PRESETS[preset])
-    shard = lambda t: distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)  # noqa: E731 (every rank has t)
+    def shard(t: torch.Tensor) -> DTensor:
+        """``t``'s Shard(0) DTensor (every rank has t), its local shard in storage of its own as FSDP2 holds it
+        (distribute_tensor's is a view into t, a layout whose memory traffic differs from a compact tensor's)."""
+        d = distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)
+        return DTensor.from_local(d.to_local().clone(), mesh, [Shard(0)], run_check=False, shape=d.shape,
+                                  stride=d.stride())
+
     torch.manual_seed(0)
     grads = [shard(torch.randn(s) * 1e-3) for s in shapes]
     contenders = [c for c in CONTENDERS if c.name in NAMES and c.available() and
