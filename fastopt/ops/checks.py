@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 
 import torch
 
@@ -202,45 +203,56 @@ class Kept:
     it at every step (the kernels take it as ``kept``, and pass it to ``checked_once``).
 
     ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
-    compared entry by entry, by identity, as torch.compile guards an optimizer's params and states) at the same data
-    pointer (``t.data = ...`` moves a tensor, as helpers that move an optimizer's state to a device do), the params
-    have their dtypes, and the grads have the params' element counts, dtypes and device and are contiguous. What it
-    does not read again is what only in-place metadata changes (``resize_`` within the storage, ``as_strided_``) could
-    change. ``value`` is what the kernel made of the checked inputs (C++: its pointer arrays; Triton: its launch
-    groups)."""
+    compared entry by entry, by identity, as torch.compile guards an optimizer's params and states; other values by
+    value) at the same data pointer (``t.data = ...`` moves a tensor, as helpers that move an optimizer's state to a
+    device do), the params have their dtypes, and the grads have the params' element counts, dtypes and device and are
+    contiguous. What it does not read again is what only in-place metadata changes (``resize_`` within the storage,
+    ``as_strided_``) could change. ``value`` is what the kernel made of the checked inputs (C++: its pointer arrays;
+    Triton: its launch groups).
 
-    def __init__(self):
+    Identity is compared by ``id``, which is only sound while the objects live: a Kept holds its tensors, or, if
+    ``weak`` (for a store that must not keep tensors alive: a compiled step's, fastopt/ops/library.py), refers to them
+    weakly and no longer holds once one of them is gone."""
+
+    def __init__(self, weak: bool = False):
         self.value = None
-        self._inputs: tuple = ()
+        self._weak = weak
+        self._layout: tuple | None = None  # nothing kept yet
+        self._lost = False
 
     def holds(self, inputs: tuple, params: list, grads: list) -> bool:
-        if len(inputs) != len(self._inputs):  # also: nothing kept yet
+        if self._lost or _layout(inputs) != self._layout:
             return False
-        for new, old in zip(inputs, self._inputs):
-            if isinstance(new, (list, tuple)):
-                if not (isinstance(old, tuple) and len(new) == len(old) and all(map(operator.is_, new, old))):
-                    return False
-            elif new is not old and not (type(new) is int and new == old):
-                return False
-        return (_tensor_pointers(inputs) == self._pointers and len(grads) == len(self._numels)
-                and list(map(_numel, grads)) == self._numels and list(map(_dtype, grads)) == self._dtypes
-                and list(map(_dtype, params)) == self._dtypes and set(map(_device_index, grads)) == self._device
-                and all(map(_contiguous, grads)))
+        tensors = list(_tensors(inputs))
+        return (list(map(id, tensors)) == self._ids and list(map(_data_ptr, tensors)) == self._pointers
+                and len(grads) == len(self._numels) and list(map(_numel, grads)) == self._numels
+                and list(map(_dtype, grads)) == self._dtypes and list(map(_dtype, params)) == self._dtypes
+                and set(map(_device_index, grads)) == self._device and all(map(_contiguous, grads)))
 
     def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
         """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
-        self._inputs = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs)
-        self._pointers = _tensor_pointers(inputs)
+        tensors = list(_tensors(inputs))
+        self._held = [weakref.ref(t, self._lose) for t in tensors] if self._weak else tensors
+        self._lost = False
+        self._layout, self._ids, self._pointers = _layout(inputs), list(map(id, tensors)), list(map(_data_ptr, tensors))
         self._numels, self._dtypes = list(numels), list(map(_dtype, params))
         self._device = set(map(_device_index, params))
         self.value = value
+
+    def _lose(self, _) -> None:  # a weakly kept tensor is gone: its id may be another object's now
+        self._lost = True
 
 
 _device_index = torch.Tensor.get_device  # -1 for CPU tensors: an int, cheaper to read than .device
 
 
-def _tensor_pointers(inputs: tuple) -> tuple[int, ...]:
-    """The data pointers of every tensor among ``inputs`` (in lists, or alone), in order, in one map."""
-    tensors = itertools.chain.from_iterable(x if isinstance(x, (list, tuple)) else (x,) for x in inputs
-                                            if isinstance(x, (list, tuple, torch.Tensor)))
-    return tuple(map(_data_ptr, tensors))
+def _tensors(inputs: tuple):
+    """Every tensor among ``inputs`` (in lists, or alone), in order."""
+    return itertools.chain.from_iterable(x if isinstance(x, (list, tuple)) else (x,) for x in inputs
+                                         if isinstance(x, (list, tuple, torch.Tensor)))
+
+
+def _layout(inputs: tuple) -> tuple:
+    """What ``_tensors`` does not tell apart: each list's length, where a tensor stands alone, the other values."""
+    return tuple((len(x),) if isinstance(x, (list, tuple)) else torch.Tensor if isinstance(x, torch.Tensor) else x
+                 for x in inputs)

@@ -95,9 +95,8 @@ def _(codes, scales, map, bits, n):
 
 # ---- the host part of a step ---------------------------------------------------------------------------------
 _hosts: dict[int, tuple[weakref.ref, dict[str, Callable]]] = {}
-_kept: dict[int, dict[tuple, Kept]] = {}  # host -> what its compiled step's kernels keep, per call
+_kept: dict[int, dict[tuple, tuple[Kept, weakref.ref]]] = {}  # host -> what its compiled step's op calls keep
 _host_ids = itertools.count()
-_KEPT_PER_HOST = 64  # calls of step ops per compiled step (one per bucket and storage format) before a store is reset
 
 
 def register_host(owner: object, **callbacks: Callable) -> int:
@@ -118,17 +117,16 @@ def register_host(owner: object, **callbacks: Callable) -> int:
 
 def _keeping(name: str, kernel: Callable[[], Callable]) -> Callable:
     """Step op ``name``'s kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with the Kept of this
-    call (one per op, first param and list length: a Kept that does not hold for the tensors is simply rebuilt)."""
+    call, one per op, first param and list length (a Kept that does not hold for the tensors is rebuilt). The store
+    refers to the tensors weakly, and an entry goes with its first param: a compiler that hands the op copies of the
+    optimizer's tensors (a graph that does not update them in place) leaves nothing behind."""
     def run(params, *args, host: int = -1, **kwargs):
         store = _kept.get(host)
         if store is not None and params:
             key = (name, id(params[0]), len(params))
-            kept = store.get(key)
-            if kept is None:
-                if len(store) >= _KEPT_PER_HOST:
-                    store.clear()
-                kept = store[key] = Kept()
-            kwargs["kept"] = kept
+            if key not in store:  # with a weak reference to the first param that removes the entry
+                store[key] = (Kept(weak=True), weakref.ref(params[0], lambda _: store.pop(key, None)))
+            kwargs["kept"] = store[key][0]
         return kernel()(params, *args, **kwargs)
     return run
 

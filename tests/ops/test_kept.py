@@ -187,19 +187,28 @@ def test_kept_compares_list_entries_not_lists():
 COMPILED = ["cpu"] + (["triton"] if TRITON_DEVICE.type == "cuda" else [])
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4}),
-                                          (fastopt.StableSPAM, {"state_bits": 8}), (fastopt.SPAM, {})])
-def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend):
-    """The torch.library op of a compiled step keeps its kernel's checks under the optimizer (``host``): new grads
-    are no new check, a state moved in place is, and the steps equal the reference path's."""
-    torch._dynamo.reset()
+def _twins(cls, options, backend):
+    """An optimizer over three fresh params and its twin on the reference path, over copies of them."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in [(64, 80), (4097,), (3,)]]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
-    ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
+    return (params, cls(params, lr=1e-2, backend=backend, **options), twins,
+            cls(twins, lr=1e-2, backend="reference", **options))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4, "min_quant_size": 0}),
+                                          (fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}),
+                                          (fastopt.StableSPAM, {"state_bits": 8, "min_quant_size": 0}),
+                                          (fastopt.SPAM, {})], ids=["fp32", "4-bit", "4-bit and fp32", "8-bit", "spam"])
+def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend):
+    """The torch.library op of a compiled step keeps its kernel's checks under the optimizer (``host``), one per op
+    call (a bucket with float and 4-bit moments makes two): new grads are no new check, a state moved in place is,
+    and the steps equal the reference path's."""
+    torch._dynamo.reset()
+    params, opt, twins, ref = _twins(cls, options, backend)
     step = torch.compile(opt.step, fullgraph=True)
+    calls = 2 if options.get("min_quant_size") == 100 else 1
     for i in range(4):
         if i == 2:
             for state in (opt.state[params[1]], ref.state[twins[1]]):
@@ -211,15 +220,33 @@ def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend
             q.grad = p.grad.clone()
         step()
         ref.step()
-        assert len(full_checks) == (1 if i < 2 else 2), (i, full_checks)
+        assert len(full_checks) == (calls if i < 2 else calls + 1), (i, full_checks)
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 
-def test_what_the_op_keeps_under_an_optimizer_goes_with_it(full_checks):
-    """The torch.library op given a ``host`` (a compiled step's optimizer) keeps its checks in the store of that
-    optimizer, which holds the tensors until the optimizer is gone."""
+def test_a_compiled_step_given_copies_keeps_none_of_them():
+    """A graph that does not update the optimizer's tensors in place (``aot_eager``) hands the op copies, new at
+    every call: the optimizer's store then keeps nothing of them, and the steps are right."""
+    torch._dynamo.reset()
+    params, opt, twins, ref = _twins(fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}, "cpu")
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+        assert not library._kept[opt._host]
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_what_the_op_keeps_under_an_optimizer_keeps_no_tensor_alive(full_checks):
+    """The torch.library op given a ``host`` (a compiled step's optimizer) keeps its checks in that optimizer's
+    store, which refers to the tensors weakly: an entry goes with its first param, the store with the optimizer."""
     class Optimizer:
         pass
 
@@ -230,11 +257,11 @@ def test_what_the_op_keeps_under_an_optimizer_goes_with_it(full_checks):
     for _ in range(2):
         torch.ops.fastopt.adam_step(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp,
                                     decoupled=True, maximize=False, independent_decay=False, host=host)
-    assert len(full_checks) == 1 and [s.item() for s in steps] == [2, 2, 2]
-    moment = weakref.ref(exp_avgs[0])
+    assert len(full_checks) == 1 and [s.item() for s in steps] == [2, 2, 2] and len(library._kept[host]) == 1
+    moment, param = weakref.ref(exp_avgs[0]), weakref.ref(params[0])
     del params, grads, exp_avgs, exp_avg_sqs, steps
     gc.collect()
-    assert moment() is not None
+    assert moment() is None and param() is None and not library._kept[host]
     del owner
     gc.collect()
-    assert host not in library._kept and moment() is None
+    assert host not in library._kept
