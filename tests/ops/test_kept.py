@@ -30,29 +30,39 @@ def full_checks(monkeypatch):
     return calls
 
 
+def _twins(cls, options, backend, shapes=((64, 80), (4097,), (3,))):
+    """Fresh params and an optimizer over them, and copies of the params with the same optimizer on the reference
+    path: (params, opt, twins, ref)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    return (params, cls(params, lr=1e-2, backend=backend, **options), twins,
+            cls(twins, lr=1e-2, backend="reference", **options))
+
+
+def _step_both(step, ref, params, twins) -> None:
+    """``step()`` and ``ref.step()`` with new grads, the same for each param and its twin (zero_grad's default)."""
+    for p, q in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    step()
+    ref.step()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4}),
                                           (fastopt.StableSPAM, {"state_bits": 8}), (fastopt.SPAM, {})])
 def test_new_grads_are_not_a_new_check_and_moved_params_are(full_checks, cls, options, backend):
     """New grad tensors at every step (zero_grad's default) reuse the checks; a param given new storage
     (``p.data = ...``) is checked again and stepped where it now is, as the reference path steps it."""
-    torch.manual_seed(0)
-    shapes = [(64, 80), (4097,), (3,)]
-    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in shapes]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
-    ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
+    params, opt, twins, ref = _twins(cls, {"min_quant_size": 0, **options}, backend)
     for step in range(4):
         if step == 2:
             old = params[0].detach()
             params[0].data = old.clone()
             twins[0].data = twins[0].detach().clone()
             kept_old = old.clone()
-        for p, q in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+        _step_both(opt.step, ref, params, twins)
         assert len(full_checks) == (1 if step < 2 else 2), (step, full_checks)
     assert torch.equal(old, kept_old)  # the storage the param left behind was not written
     for p, q in zip(params, twins):
@@ -66,11 +76,7 @@ def test_state_moved_in_place_is_checked_again(full_checks, cls, options, backen
     """A state tensor given new storage in place (``t.data = t.data.to(device)``, as helpers that move an optimizer's
     state do) is checked again and stepped where it now is; the storage it left is not written (nor, once freed, read
     or written: what the sanitizer build would report, tests/sanitize.py)."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in [(64, 80), (4097,)]]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = cls(params, lr=1e-2, backend=backend, min_quant_size=0, **options)
-    ref = cls(twins, lr=1e-2, backend="reference", min_quant_size=0, **options)
+    params, opt, twins, ref = _twins(cls, {"min_quant_size": 0, **options}, backend, shapes=[(64, 80), (4097,)])
     left = []
     for step in range(3):
         if step == 2:
@@ -80,11 +86,7 @@ def test_state_moved_in_place_is_checked_again(full_checks, cls, options, backen
                         if left_alive:
                             left.append((t.detach(), t.detach().clone()))
                         t.data = t.detach().clone()
-        for p, q in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+        _step_both(opt.step, ref, params, twins)
     assert len(full_checks) == 2
     assert all(torch.equal(old, copy) for old, copy in left)
     for p, q in zip(params, twins):
@@ -187,15 +189,6 @@ def test_kept_compares_list_entries_not_lists():
 COMPILED = ["cpu"] + (["triton"] if TRITON_DEVICE.type == "cuda" else [])
 
 
-def _twins(cls, options, backend):
-    """An optimizer over three fresh params and its twin on the reference path, over copies of them."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device_of(backend))) for s in [(64, 80), (4097,), (3,)]]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    return (params, cls(params, lr=1e-2, backend=backend, **options), twins,
-            cls(twins, lr=1e-2, backend="reference", **options))
-
-
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("cls, options", [(fastopt.AdamW, {}), (fastopt.AdamW, {"state_bits": 4, "min_quant_size": 0}),
                                           (fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}),
@@ -215,11 +208,7 @@ def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend
                 for t in state.values():
                     if isinstance(t, torch.Tensor):
                         t.data = t.detach().clone()
-        for p, q in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        step()
-        ref.step()
+        _step_both(step, ref, params, twins)
         assert len(full_checks) == (calls if i < 2 else calls + 1), (i, full_checks)
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -233,11 +222,7 @@ def test_a_compiled_step_given_copies_keeps_none_of_them():
     params, opt, twins, ref = _twins(fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}, "cpu")
     step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
     for _ in range(3):
-        for p, q in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        step()
-        ref.step()
+        _step_both(step, ref, params, twins)
         assert not library._kept[opt._host]
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
