@@ -9,7 +9,6 @@ import os
 import torch
 
 from fastopt.ops import library
-from fastopt.ops.checks import Kept
 from fastopt.quant.formats import Quantized
 
 BACKENDS = ("reference", "cpu", "triton")
@@ -95,7 +94,7 @@ def step_kernel(name: str, backend: str, device: torch.device):
 
 def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, counters: list[list[torch.Tensor]],
                hp: torch.Tensor, *, full: list[list[torch.Tensor]] = (),
-               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, kept: dict | int | None = None,
+               per_tensor: dict[str, torch.Tensor | None] | None = None, kernel=None, host: int | None = None,
                **options) -> None:
     """Runs the fused step op ``name`` (``step_kernel``) once per storage format among the tensors: float moments
     (bits 0), or 4-/8-bit codes, scales and the two maps. After the moments the op takes ``full`` (per-tensor lists of
@@ -103,31 +102,31 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
     moments and ``full`` may be views and go through contiguous copies; codes, scales and 0-d counters go as they
     are (the optimizer's own flat state, and 0-d tensors are contiguous). ``per_tensor``: tensor options whose rows
     are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
-    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``kept``: for a
-    caller that steps the same tensors with their ``.grad`` at every call (an optimizer's step plan), where the op's
-    kernel keeps what it checked (fastopt/ops/checks.py ``Kept``): a dict, in which it keeps one per storage format, or,
-    in a compiled step, the optimizer's host id, under which the torch.library op keeps them (library.register_host)."""
+    ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``host``:
+    the id (library.register_host) of a caller that steps the same tensors with their ``.grad`` at every call (an
+    optimizer's step plan), under which the op's kernel keeps what it checked (fastopt/ops/checks.py ``Kept``): the
+    kernel called directly is given its Kept (library.kept), the torch.library op the id."""
     op = kernel or step_kernel(name, backend, params[0].device)
     direct = op is (library.cpu_kernel(name) if backend == "cpu" else library.triton_kernel(name))
     rows = {k: v for k, v in (per_tensor or {}).items() if v is not None}
     for idx, bits in by_storage(exp_avgs):
-        if isinstance(kept, dict) and direct:
-            uncopied = {"kept": kept.setdefault(bits, Kept())}
-        elif isinstance(kept, int) and op is getattr(torch.ops.fastopt, name):
-            uncopied = {"host": kept}
-        else:  # the torch.library op called eagerly (under a dispatch mode) keeps nothing
-            uncopied = {}
         every = len(idx) == len(params)
         pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
-        ms, vs, cs = pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
+        ps, ms, vs, cs = pick(params), pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
+        if host is not None and direct:
+            uncopied = {"kept": library.kept(host, name, ps)}
+        elif host is not None and op is getattr(torch.ops.fastopt, name):
+            uncopied = {"host": host}
+        else:  # the torch.library op called eagerly (under a dispatch mode) keeps nothing
+            uncopied = {}
         options.update({k: v[idx].contiguous() for k, v in rows.items()})
         if bits:
             maps = [ms[0].fmt.table(ms[0].codes.device), vs[0].fmt.table(vs[0].codes.device)]
             quantized = [[m.codes for m in ms], [v.codes for v in vs], [m.scales for m in ms], [v.scales for v in vs]]
             run_contiguous(lambda ps, *rest, **kw: op(ps, rest[-1], *quantized, *rest[:-1], *cs, *maps, bits, hp,
                                                       **options, **kw),
-                           [pick(params), *[pick(f) for f in full]], [pick(grads)], **uncopied)
+                           [ps, *[pick(f) for f in full]], [pick(grads)], **uncopied)
         else:
             run_contiguous(lambda ps, m, v, *rest, **kw: op(ps, rest[-1], m, v, [], [], *rest[:-1], *cs, None, None, 0,
                                                             hp, **options, **kw),
-                           [pick(params), ms, vs, *[pick(f) for f in full]], [pick(grads)], **uncopied)
+                           [ps, ms, vs, *[pick(f) for f in full]], [pick(grads)], **uncopied)

@@ -40,7 +40,7 @@ def adam_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-    kept: dict | int | None = None,
+    host: int | None = None,
 ) -> None:
     """One step for tensors on one device. ``max_exp_avg_sqs`` is empty unless amsgrad. Params and grads
     share a dtype (fp32/bf16/fp16); the states share theirs; math is fp32 (float64 tensors: float64).
@@ -49,9 +49,9 @@ def adam_step(
     only what is stored is quantized. ``backend`` None picks the fastest implementation for the device.
     ``lr``, the betas, ``eps`` and ``weight_decay`` may be 0-d tensors: both fused backends take them as data (the op's
     ``hp`` tensor; Triton reads it on the device), the reference reads their values. DTensor params (FSDP2) and their
-    states are stepped on their local shards (fastopt/ops/sharding.py). ``kept``: what a caller stepping the same
-    tensors with their ``.grad`` at every call passes each time (a dict, or in a compiled step its host id), so that the
-    kernels check only the grads again (fastopt/ops/_backends.py ``fused_step``)."""
+    states are stepped on their local shards (fastopt/ops/sharding.py). ``host``: the id that
+    fastopt.ops.library.register_host gave a caller that steps the same tensors with their ``.grad`` at every call
+    (an optimizer), so that the kernels check only the grads again (fastopt/ops/_backends.py ``fused_step``)."""
     if not params:
         return
     if max_exp_avg_sqs and any(isinstance(m, Quantized) for m in exp_avgs):
@@ -67,7 +67,7 @@ def adam_step(
         return
     hp = pack_hyperparameters("adam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     fused_step("adam_step", backend, params, grads, exp_avgs, exp_avg_sqs, [steps], hp, full=[max_exp_avg_sqs],
-               kept=kept, **flags, **amp)
+               host=host, **flags, **amp)
 
 
 def _reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

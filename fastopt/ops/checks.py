@@ -199,8 +199,8 @@ def checked_once(kept: Kept | None, build, op: str, device: torch.device, params
 
 class Kept:
     """What a kernel keeps between calls that step the same tensors, so that such a call checks only what changes
-    from one step to the next: the grads. An optimizer's step plan holds one per bucket and storage format and passes
-    it at every step (the kernels take it as ``kept``, and pass it to ``checked_once``).
+    from one step to the next: the grads. An optimizer's store holds one per op call of its steps, eager or compiled
+    (fastopt/ops/library.py ``kept``); the kernels take it as ``kept`` and pass it to ``checked_once``.
 
     ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
     compared entry by entry, by identity, as torch.compile guards an optimizer's params and states; other values by
@@ -210,13 +210,11 @@ class Kept:
     ``as_strided_``) could change. ``value`` is what the kernel made of the checked inputs (C++: its pointer arrays;
     Triton: its launch groups).
 
-    Identity is compared by ``id``, which is only sound while the objects live: a Kept holds its tensors, or, if
-    ``weak`` (for a store that must not keep tensors alive: a compiled step's, fastopt/ops/library.py), refers to them
-    weakly and no longer holds once one of them is gone."""
+    Identity is compared by ``id``, which is only sound while the objects live: a Kept refers to its tensors weakly
+    (it must not keep them alive: a compiler may hand the op copies) and no longer holds once one of them is gone."""
 
-    def __init__(self, weak: bool = False):
+    def __init__(self):
         self.value = None
-        self._weak = weak
         self._layout: tuple | None = None  # nothing kept yet
         self._lost = False
 
@@ -232,14 +230,14 @@ class Kept:
     def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
         """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
         tensors = list(_tensors(inputs))
-        self._held = [weakref.ref(t, self._lose) for t in tensors] if self._weak else tensors
+        self._held = [weakref.ref(t, self._lose) for t in tensors]
         self._lost = False
         self._layout, self._ids, self._pointers = _layout(inputs), list(map(id, tensors)), list(map(_data_ptr, tensors))
         self._numels, self._dtypes = list(numels), list(map(_dtype, params))
         self._device = set(map(_device_index, params))
         self.value = value
 
-    def _lose(self, _) -> None:  # a weakly kept tensor is gone: its id may be another object's now
+    def _lose(self, _) -> None:  # a kept tensor is gone: its id may be another object's now
         self._lost = True
 
 

@@ -20,9 +20,9 @@ recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
 ``grad_stats`` gives per tensor max|g| and Σg² (after an optional AdaClip), the statistics that Stable-SPAM reduces
 across the shards of sharded params before its step op takes them as ``grad_stats`` (fastopt/ops/spam.py).
 
-A step op's ``host`` is -1, or, in a compiled optimizer step, the optimizer's id (``register_host``): its kernel then
-keeps its checks of the tensors between calls, as an eager step's kernels do (fastopt/ops/checks.py ``Kept``), in a
-store that lives as long as the optimizer.
+A step op's ``host`` is -1, or the id of an optimizer (``register_host``) that steps the same tensors with their
+``.grad`` at every call: its kernel then keeps its checks of the tensors between calls (fastopt/ops/checks.py
+``Kept``) in the optimizer's store (``kept``), which an eager step's direct kernel calls use too.
 
 ``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
 a compiled ``step()`` calls back into Python for it at every step instead of baking its values into the graph.
@@ -95,7 +95,7 @@ def _(codes, scales, map, bits, n):
 
 # ---- the host part of a step ---------------------------------------------------------------------------------
 _hosts: dict[int, tuple[weakref.ref, dict[str, Callable]]] = {}
-_kept: dict[int, dict[tuple, tuple[Kept, weakref.ref]]] = {}  # host -> what its compiled step's op calls keep
+_kept: dict[int, dict[tuple, tuple[Kept, weakref.ref]]] = {}  # host -> what its steps' kernel calls keep
 _host_ids = itertools.count()
 
 
@@ -103,7 +103,7 @@ def register_host(owner: object, **callbacks: Callable) -> int:
     """Registers an optimizer's host callbacks and returns the id that ``host_values`` and ``galore_step`` take:
     ``values(owner, step_count) -> list[float]`` (the floats its step computes on the host) and
     ``galore_step(owner, group, params, grads, state, step_count)``; the step ops take it as ``host``. The entry, and
-    what the step ops keep under it, live as long as ``owner``."""
+    what the step kernels keep under it (``kept``), live as long as ``owner``."""
     key = next(_host_ids)
 
     def forget(_) -> None:
@@ -115,19 +115,25 @@ def register_host(owner: object, **callbacks: Callable) -> int:
     return key
 
 
-def _keeping(name: str, kernel: Callable[[], Callable]) -> Callable:
-    """Step op ``name``'s kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with the Kept of this
-    call, one per op, first param and list length (a Kept that does not hold for the tensors is rebuilt). The store
-    refers to the tensors weakly, and an entry goes with its first param: a compiler that hands the op copies of the
+def kept(host: int, name: str, params: list) -> Kept | None:
+    """The Kept of step op ``name``'s kernel calls for ``host`` over ``params``: one per op, first param and list
+    length (a Kept that does not hold for a call's tensors is rebuilt); None for an unknown host. The store refers to
+    the tensors weakly, and an entry goes with its first param: a compiler that hands the op copies of the
     optimizer's tensors (a graph that does not update them in place) leaves nothing behind."""
+    store = _kept.get(host)
+    if store is None or not params:
+        return None
+    key = (name, id(params[0]), len(params))
+    entry = store.get(key)
+    if entry is None:  # with a weak reference to the first param that removes the entry
+        entry = store[key] = (Kept(), weakref.ref(params[0], lambda _: store.pop(key, None)))
+    return entry[0]
+
+
+def _keeping(name: str, kernel: Callable[[], Callable]) -> Callable:
+    """Step op ``name``'s kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with its ``kept``."""
     def run(params, *args, host: int = -1, **kwargs):
-        store = _kept.get(host)
-        if store is not None and params:
-            key = (name, id(params[0]), len(params))
-            if key not in store:  # with a weak reference to the first param that removes the entry
-                store[key] = (Kept(weak=True), weakref.ref(params[0], lambda _: store.pop(key, None)))
-            kwargs["kept"] = store[key][0]
-        return kernel()(params, *args, **kwargs)
+        return kernel()(params, *args, kept=kept(host, name, params), **kwargs)
     return run
 
 

@@ -105,7 +105,7 @@ def stable_spam_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-    kept: dict | int | None = None,
+    host: int | None = None,
 ) -> None:
     """One Stable-SPAM step for tensors on one device. ``steps`` (t) and ``stats_steps`` (u) are float32 0-d
     counters; ``m_norms``, ``v_norms``, ``m_maxes`` 0-d statistics per tensor. ``scale`` is s (it multiplies beta1
@@ -115,7 +115,7 @@ def stable_spam_step(
     ``hp`` tensor (Triton reads it on the device), the reference reads them on the host. DTensor params (FSDP2) are
     stepped on their local shards with the whole tensors' max|g| and norm, reduced across the ranks that hold the
     other shards: the call is then a collective, which every one of those ranks makes with the same tensors.
-    ``kept`` as in adam_step."""
+    ``host`` as in adam_step."""
     check_compat("stable_spam_step", compat)
     if not params:
         return
@@ -140,9 +140,9 @@ def stable_spam_step(
     if group is not None and backend == "triton":  # the launcher reduces across the shards between its kernels
         options["all_reduce"] = lambda x, op: _all_reduce(x, op, group)
         fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp,
-                   kernel=library.triton_kernel("stable_spam_step"), kept=kept, **options)
+                   kernel=library.triton_kernel("stable_spam_step"), host=host, **options)
         return
-    fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp, kept=kept, **options)
+    fused_step("stable_spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, stats, hp, host=host, **options)
 
 
 # ---- sharded params: the per-tensor statistics of the whole tensor, from its shards ----------------------------------
@@ -218,11 +218,11 @@ def spam_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     backend: str | None = None,
-    kept: dict | int | None = None,
+    host: int | None = None,
 ) -> None:
     """One SPAM step for tensors on one device. ``steps`` (t) are float32 0-d counters. ``scale`` is s, ``reset``
     whether this step resets the moments, ``clip`` whether spike clipping at ``threshold`` is on this step. Tensor
-    hyperparameters and ``kept`` as in stable_spam_step."""
+    hyperparameters and ``host`` as in stable_spam_step."""
     if not params:
         return
     params, grads, exp_avgs, exp_avg_sqs = local_lists(params, grads, exp_avgs, exp_avg_sqs)
@@ -235,7 +235,7 @@ def spam_step(
         return
     hp = pack_hyperparameters("spam_step", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                               threshold=threshold, scale=scale, reset=reset, clip=clip)
-    fused_step("spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, [steps], hp, kept=kept, **amp)
+    fused_step("spam_step", backend, params, grads, exp_avgs, exp_avg_sqs, [steps], hp, host=host, **amp)
 
 
 # ---- reference implementation --------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class Adam(FusedOptimizer):
                       independent_decay=group["independent_weight_decay"],
                       grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                       found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
-                      backend=backend, kept=b.kept)
+                      backend=backend, host=b.host)
 
 
 class AdamW(Adam):

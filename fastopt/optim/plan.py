@@ -32,9 +32,9 @@ class Bucket:
         self.device, self.backend, self.params = device, backend, params
         self._opt, self._group = opt, group
         self._lists: dict[Any, list] = {}
-        # where the kernels keep their checks between steps of these tensors (the ops' ``kept``), for a bucket stepped
-        # again: a dict, or in a compiled step the optimizer's host id (the torch.library ops keep them under it)
-        self.kept: dict | int | None = (opt._host if torch.compiler.is_compiling() else {}) if keep else None
+        # for a bucket stepped again: the optimizer's id, under which the kernels keep their checks of these tensors
+        # between steps (the ops' ``host``)
+        self.host: int | None = opt._host if keep else None
 
     def moments(self, name: str, signed: bool) -> list:
         """Moment ``name`` of each param as the ops take it: a float tensor, or codes + scales (quant.Quantized); a

@@ -111,7 +111,7 @@ class StableSPAM(_SpamBase):
                              b.states("step"), b.states("stats_step"), b.states("m_norm"), b.states("v_norm"),
                              b.states("m_max"), gamma1=hp["gamma1"], gamma2=hp["gamma2"],
                              gamma3=hp["gamma3"], scale=hp["scale"], reset=hp["reset"], compat=hp["compat"],
-                             backend=b.backend, kept=b.kept, **self._common(b.device, hp, grad_scale, found_inf))
+                             backend=b.backend, host=b.host, **self._common(b.device, hp, grad_scale, found_inf))
 
 
 class SPAM(_SpamBase):
@@ -164,7 +164,7 @@ class SPAM(_SpamBase):
         for b in buckets:
             spam_step(b.params, b.grads(), b.moments("exp_avg", True), b.moments("exp_avg_sq", False),
                       b.states("step"), threshold=hp["threshold"], scale=hp["scale"], reset=hp["reset"],
-                      clip=hp["clip"], backend=b.backend, kept=b.kept,
+                      clip=hp["clip"], backend=b.backend, host=b.host,
                       **self._common(b.device, hp, grad_scale, found_inf))
 
 

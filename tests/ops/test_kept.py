@@ -105,8 +105,8 @@ def test_copies_of_strided_params_are_not_kept(backend):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    plan = next(iter(opt._plans.values()))
-    assert all(k.value is None for b in plan.buckets for k in b.kept.values())
+    store = library._kept[opt._host]
+    assert store and all(kept.value is None for kept, _ in store.values())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,6 +121,10 @@ def test_param_dtype_reinterpreted_in_place_is_checked_again(backend):
     params[0].data = params[0].data.view(torch.float16)
     with pytest.raises(RuntimeError, match=r"grads\[0\] dtype differs from params\[0\]"):
         opt.step()
+
+
+class _Owner:  # what a store of Kepts lives as long as (library.register_host): an optimizer, in fastopt.optim
+    pass
 
 
 def _adam_inputs(device, n=300, count=3):
@@ -141,9 +145,10 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     entries themselves) raise as without ``kept``, naming the argument, and change nothing."""
     device = device_of(backend)
     params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(device)
-    kept = {}
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
+    owner = _Owner()
+    host = library.register_host(owner)
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
     assert len(full_checks) == 1
     message = {"grad dtype": r"grads\[1\] dtype differs", "grad size": r"grads\[1\] has 300 elements",
                "grad strides": r"grads\[1\] must be contiguous", "moment replaced in the list": r"exp_avgs\[1\]",
@@ -166,9 +171,9 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
             kernel = (library.cpu_kernel if backend == "cpu" else library.triton_kernel)("adam_step")
             hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
             kernel(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp, decoupled=True,
-                   maximize=False, independent_decay=False, kept=kept[0])
+                   maximize=False, independent_decay=False, kept=library.kept(host, "adam_step", params))
         else:
-            adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, kept=kept, **HP)
+            adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
     assert len(full_checks) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
 
@@ -215,6 +220,20 @@ def test_a_compiled_step_keeps_its_checks_too(full_checks, cls, options, backend
     torch._dynamo.reset()
 
 
+def test_eager_and_compiled_steps_keep_their_checks_in_one_store(full_checks):
+    """An optimizer's eager steps (which call the kernels directly) and its compiled ones (the torch.library op) keep
+    their checks under the optimizer, in one store: switching between them checks nothing again."""
+    torch._dynamo.reset()
+    params, opt, twins, ref = _twins(fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}, "cpu")
+    compiled = torch.compile(opt.step, fullgraph=True)
+    for step in (opt.step, opt.step, compiled, compiled, opt.step):
+        _step_both(step, ref, params, twins)
+    assert len(full_checks) == 2  # one per op call: the bucket's 4-bit moments and its float ones
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_a_compiled_step_given_copies_keeps_none_of_them():
     """A graph that does not update the optimizer's tensors in place (``aot_eager``) hands the op copies, new at
     every call: the optimizer's store then keeps nothing of them, and the steps are right."""
@@ -231,11 +250,8 @@ def test_a_compiled_step_given_copies_keeps_none_of_them():
 
 def test_what_the_op_keeps_under_an_optimizer_keeps_no_tensor_alive(full_checks):
     """The torch.library op given a ``host`` (a compiled step's optimizer) keeps its checks in that optimizer's
-    store, which refers to the tensors weakly: an entry goes with its first param, the store with the optimizer."""
-    class Optimizer:
-        pass
-
-    owner = Optimizer()
+    store, the one its eager steps use, which refers to the tensors weakly: an entry goes with its first param, the store with the optimizer."""
+    owner = _Owner()
     host = library.register_host(owner)
     params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(torch.device("cpu"))
     hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
