@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastopt.ops import checks
+
 BLOCK = 1024        # elements per program of an update (quantized storage: whole quantization blocks, the same count)
 NUM_WARPS = 4
 _CACHE_SIZE = 1024  # tables, block maps and hp uploads kept per process (GaLore steps each projected param alone)
@@ -229,6 +231,15 @@ def launch_groups(columns: list[list], checked: tuple[list[int], list[int], list
         groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device, idx,
                                                           blocks, streams)))
     return groups
+
+
+def checked_launches(kept, columns: list[list], layout: dict, op: str, device: torch.device, params, grads,
+                     *step_args) -> list[tuple[Any, Any, Launch]]:
+    """``launch_groups(columns, ..., **layout)`` for one call of step op ``op``, each set up for ``grads``: its
+    tensors checked once while ``kept`` holds (fastopt.ops.checks.checked_once, given ``step_args`` after the grads)."""
+    groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, **layout), op, device,
+                                 params, grads, *step_args)
+    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, advance, column, device_hp, f32_column, launch_groups,
-                                            load, program_tensor, store_rounded)
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, advance, checked_launches, column, device_hp,
+                                            f32_column, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 from fastopt.ops import checks
 
@@ -149,14 +149,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
     amsgrad = len(max_exp_avg_sqs) > 0
     scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
     columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, max_exp_avg_sqs, steps]
-    groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, streams=VMAX.value + 1),
-                                 "adam_step", device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
-                                 exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, {"steps": steps},
-                                 max_exp_avg_sqs)
+    groups = checked_launches(kept, columns, dict(streams=VMAX.value + 1), "adam_step", device, params, grads,
+                              exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map,
+                              bits, {"steps": steps}, max_exp_avg_sqs)
     hp = device_hp(hp, device)
     any_ptr = hp  # stands in for the pointers a mode does not read
     for p_like, m_like, launch in groups:
-        launch.for_grads(grads)
         advance(launch, STEP, found_inf=found_inf)
         if not launch.programs[0]:
             continue

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, column, device_hp, f32_column,
-                                            launch_groups, load, program_tensor, store_rounded)
+from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, checked_launches, column,
+                                            device_hp, f32_column, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
 from fastopt.ops import checks
@@ -322,10 +322,8 @@ def _launches(kept, op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_sc
     scales = [exp_avg_scales, exp_avg_sq_scales] if bits else [[], []]
     columns = [params, grads, exp_avgs, exp_avg_sqs, *scales, *counters.values()]
     columns += [[]] * (N.value - len(columns))  # pointer columns up to the element count's
-    groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, **_LAYOUT), op, device,
-                                 params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, exp_avg_map,
-                                 exp_avg_sq_map, bits, counters)
-    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
+    return checked_launches(kept, columns, _LAYOUT, op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                            exp_avg_sq_scales, exp_avg_map, exp_avg_sq_map, bits, counters)
 
 
 def _update(launch: Launch, p_like, m_like, maps, work, hp, grad_scale, found_inf, bits, **modes) -> None:
