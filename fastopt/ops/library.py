@@ -116,14 +116,15 @@ def register_host(owner: object, **callbacks: Callable) -> int:
 
 
 def kept(host: int, name: str, params: list) -> Kept | None:
-    """The Kept of step op ``name``'s kernel calls for ``host`` over ``params``: one per op, first param and list
-    length (a Kept that does not hold for a call's tensors is rebuilt); None for an unknown host. The store refers to
-    the tensors weakly, and an entry goes with its first param: a compiler that hands the op copies of the
-    optimizer's tensors (a graph that does not update them in place) leaves nothing behind."""
+    """The Kept of step op ``name``'s kernel calls for ``host`` over ``params``: one per op and first param (a Kept
+    that does not hold for a call's tensors is rebuilt), so that steps over changing sets of params (grads that are
+    None at some steps) do not add up entries; None for an unknown host. The store refers to the tensors weakly, and
+    an entry goes with its first param: a compiler that hands the op copies of the optimizer's tensors (a graph that
+    does not update them in place) leaves nothing behind."""
     store = _kept.get(host)
     if store is None or not params:
         return None
-    key = (name, id(params[0]), len(params))
+    key = (name, id(params[0]))
     entry = store.get(key)
     if entry is None:  # with a weak reference to the first param that removes the entry
         entry = store[key] = (Kept(), weakref.ref(params[0], lambda _: store.pop(key, None)))

@@ -94,6 +94,21 @@ def test_state_moved_in_place_is_checked_again(full_checks, cls, options, backen
     assert opt.state[params[1]]["step"].item() == ref.state[twins[1]]["step"].item() == 3
 
 
+def test_steps_over_changing_params_keep_one_check_per_op(full_checks):
+    """Steps whose params with grads change (grads that are None at some steps, as unused experts' are) keep one Kept
+    per op and first param, checked again when the params change: what the optimizer keeps does not grow with the
+    number of sets of params it has stepped."""
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(6)]
+    opt = fastopt.AdamW(params)
+    for last in range(1, 6):
+        for _ in range(2):
+            for i, p in enumerate(params):
+                p.grad = torch.randn_like(p) if i <= last else None
+            opt.step()
+    assert len(library._kept[opt._host]) == 1
+    assert len(full_checks) == 5  # the first step over each set of params; its second step checks only the grads
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_copies_of_strided_params_are_not_kept(backend):
     """A strided param is stepped through a contiguous copy, made anew at every step: nothing keeps the copy alive
