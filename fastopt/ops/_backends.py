@@ -117,7 +117,7 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
             uncopied = {"kept": library.kept(host, name, ps)}
         elif host is not None and op is getattr(torch.ops.fastopt, name):
             uncopied = {"host": host}
-        else:  # the torch.library op called eagerly (under a dispatch mode) keeps nothing
+        else:  # a caller that does not step the same tensors again (no host): nothing to keep
             uncopied = {}
         options.update({k: v[idx].contiguous() for k, v in rows.items()})
         if bits:

@@ -249,11 +249,12 @@ def test_eager_and_compiled_steps_keep_their_checks_in_one_store(full_checks):
     torch._dynamo.reset()
 
 
-def test_a_compiled_step_given_copies_keeps_none_of_them():
+@pytest.mark.parametrize("backend", COMPILED)
+def test_a_compiled_step_given_copies_keeps_none_of_them(backend):
     """A graph that does not update the optimizer's tensors in place (``aot_eager``) hands the op copies, new at
     every call: the optimizer's store then keeps nothing of them, and the steps are right."""
     torch._dynamo.reset()
-    params, opt, twins, ref = _twins(fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}, "cpu")
+    params, opt, twins, ref = _twins(fastopt.AdamW, {"state_bits": 4, "min_quant_size": 100}, backend)
     step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
     for _ in range(3):
         _step_both(step, ref, params, twins)
@@ -263,16 +264,28 @@ def test_a_compiled_step_given_copies_keeps_none_of_them():
     torch._dynamo.reset()
 
 
-def test_what_the_op_keeps_under_an_optimizer_keeps_no_tensor_alive(full_checks):
-    """The torch.library op given a ``host`` (a compiled step's optimizer) keeps its checks in that optimizer's
-    store, the one its eager steps use, which refers to the tensors weakly: an entry goes with its first param, the store with the optimizer."""
+# How a step hands its kernel the optimizer's store: the torch.library op given ``host`` (a compiled step; on CPU
+# tensors the op runs the C++ kernels, so Triton goes this way only on a GPU), or the kernel called directly with its
+# Kept from the store (an eager step, fastopt/ops/_backends.py fused_step).
+THROUGH = [("cpu", "op"), ("cpu", "kernel"), ("triton", "kernel")] + (
+    [("triton", "op")] if TRITON_DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend, through", THROUGH)
+def test_what_a_kernel_keeps_under_an_optimizer_keeps_no_tensor_alive(full_checks, backend, through):
+    """A kernel given its optimizer's store (``host``) keeps its checks there, in entries that refer to the tensors
+    weakly (the Triton launchers' launch groups included): an entry goes with its first param, the store with the
+    optimizer."""
     owner = _Owner()
     host = library.register_host(owner)
-    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(torch.device("cpu"))
+    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(device_of(backend))
     hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
     for _ in range(2):
-        torch.ops.fastopt.adam_step(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp,
-                                    decoupled=True, maximize=False, independent_decay=False, host=host)
+        if through == "op":
+            torch.ops.fastopt.adam_step(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp,
+                                        decoupled=True, maximize=False, independent_decay=False, host=host)
+        else:
+            adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
     assert len(full_checks) == 1 and [s.item() for s in steps] == [2, 2, 2] and len(library._kept[host]) == 1
     moment, param = weakref.ref(exp_avgs[0]), weakref.ref(params[0])
     del params, grads, exp_avgs, exp_avg_sqs, steps

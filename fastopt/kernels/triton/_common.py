@@ -219,27 +219,29 @@ class Launch:
 
 
 def launch_groups(columns: list[list], checked: tuple[list[int], list[int], list[int]], device: torch.device, *,
-                  blocks: tuple[int, ...] = (BLOCK,), streams: int = 0) -> list[tuple[Any, Any, Launch]]:
-    """(a param, a moment, Launch) per group of tensors with the same dtypes: ``columns`` are the table's columns over
-    all the op's tensors (params first, grads second, first moments third; an empty list for one the op was not
-    given), ``checked`` what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and dtypes). The param and
-    the moment give the kernels their element types; each call sets its launches up with ``Launch.for_grads``."""
+                  blocks: tuple[int, ...] = (BLOCK,), streams: int = 0) -> list[tuple[int, Launch]]:
+    """(the index of one of its tensors, Launch) per group of tensors with the same dtypes: ``columns`` are the
+    table's columns over all the op's tensors (params first, grads second, first moments third; an empty list for
+    one the op was not given), ``checked`` what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and
+    dtypes). Each call sets its launches up with ``Launch.for_grads``. The result holds no tensor (a Kept keeps it
+    and must keep nothing alive): the index finds this call's param and moment, which give the kernels their types."""
     numels, param_dtypes, state_dtypes = checked
     groups = []
     for idx in _by_dtypes(param_dtypes, state_dtypes):
         picked = [_pick(values, idx, len(numels)) for values in columns]
-        groups.append((picked[0][0], picked[2][0], Launch(picked, tuple(_pick(numels, idx, len(numels))), device, idx,
-                                                          blocks, streams)))
+        groups.append((0 if idx is None else idx[0],
+                       Launch(picked, tuple(_pick(numels, idx, len(numels))), device, idx, blocks, streams)))
     return groups
 
 
 def checked_launches(kept, columns: list[list], layout: dict, op: str, device: torch.device, params, grads,
-                     *step_args) -> list[tuple[Any, Any, Launch]]:
-    """``launch_groups(columns, ..., **layout)`` for one call of step op ``op``, each set up for ``grads``: its
-    tensors checked once while ``kept`` holds (fastopt.ops.checks.checked_once, given ``step_args`` after the grads)."""
+                     *step_args) -> list[tuple[torch.Tensor, torch.Tensor, Launch]]:
+    """(a param, a moment, Launch) per group of ``launch_groups(columns, ..., **layout)`` for one call of step op
+    ``op``, each set up for ``grads``: its tensors checked once while ``kept`` holds (fastopt.ops.checks.checked_once,
+    given ``step_args`` after the grads)."""
     groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, **layout), op, device,
                                  params, grads, *step_args)
-    return [(p_like, m_like, launch.for_grads(grads)) for p_like, m_like, launch in groups]
+    return [(columns[0][i], columns[2][i], launch.for_grads(grads)) for i, launch in groups]
 
 
 def advance(launch: Launch, first: int, second: int = -1, found_inf: torch.Tensor | None = None) -> None:
