@@ -16,6 +16,12 @@ BENCH_PACKAGES := bitsandbytes deepspeed pytorch-optimizer ninja
 # without the package __init__, which imports bitsandbytes (bench/galore.py: galore_torch()).
 NO_DEPS_TEST_PACKAGES := galore-torch
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc) setup.py pyproject.toml fastopt/_build.py
+# The C++ kernels need neither torch nor the venv (fastopt/_build.py: the standard library and a compiler), so a fresh
+# `make test` or `make bench` compiles them, and `make test` the sanitizer's build of them, while pip installs the
+# dependencies: these targets make their prerequisites side by side (PREREQS), and the editable install only links.
+LIBRARY   := fastopt/libfastopt_cpu.so
+SANITIZED := build/sanitize/libfastopt_cpu.so
+PREREQS   := $(MAKE) --no-print-directory -j3
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
 # The oldest supported stack (constraints.txt's "oldest:" line) in a side venv; the tests that depend on the torch or
@@ -39,12 +45,14 @@ GPU_CHECK_OUT ?= bench/results/gpu
 # torch's OpenMP threads, so the cores are oversubscribed: OpenMP threads that sleep instead of spinning at their
 # barriers (PASSIVE) make the same tests take 5.4 min instead of 6.9 (serially: 10.3-11.4 min) on 2 cores.
 test: export OMP_WAIT_POLICY ?= PASSIVE
-test: $(BUILT) $(WHEEL)
+test:
+	$(PREREQS) $(BUILT) $(WHEEL) $(SANITIZED)
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --ignore=tests/distributed
 	$(PY) -m pytest -q -p no:cacheprovider tests/distributed
 	$(PY) -m tests.sanitize
 
-bench: $(BUILT) $(BENCH_DEPS)
+bench:
+	$(PREREQS) $(BUILT) $(BENCH_DEPS)
 	$(PY) -m bench --readme README.md $(BENCH_ARGS)
 
 # GaLore: refresh (SVD vs randomized) and step time against galore-torch; writes bench/results/galore.{json,md}.
@@ -77,7 +85,7 @@ deps: $(DEPS)
 # checked and tagged manylinux_2_28 by auditwheel (it fails if the library needs more than that policy allows).
 wheel: $(WHEEL)
 
-$(WHEEL): $(DEPS) $(SOURCES) Makefile $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
+$(WHEEL): $(BUILT) $(SOURCES) Makefile $(wildcard fastopt/*.py fastopt/*/*.py fastopt/*/*/*.py)
 	rm -rf dist && mkdir -p dist/linux
 	$(PY) -m build --no-isolation --sdist --wheel --outdir dist/linux . > dist/build.log 2>&1 || \
 		(tail -30 dist/build.log; exit 1)
@@ -117,12 +125,20 @@ gpu-check:
 	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PYTHON) -m bench.gpu_check
 
 # Peers for the benchmark only (make test does not need them).
-$(BENCH_DEPS): $(DEPS) constraints.txt
+$(BENCH_DEPS): $(DEPS) constraints.txt | $(BUILT)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(BENCH_PACKAGES)
 	touch $@
 
-$(BUILT): $(DEPS) $(SOURCES)
+$(BUILT): $(DEPS) $(SOURCES) $(LIBRARY)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+$(LIBRARY): $(SOURCES)
+	$(PYTHON) fastopt/_build.py
+	touch $@
+
+$(SANITIZED): $(SOURCES) tests/sanitize.py
+	$(PYTHON) -m tests.sanitize --build
 	touch $@
 
 clean:

@@ -76,3 +76,9 @@ def run(command: list[str], log=None) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"fastopt: building the C++ kernels failed:\n{shlex.join(command)}\n{done.stderr[-4000:]}")
+
+
+if __name__ == "__main__":
+    # `python fastopt/_build.py`, with any Python 3 and no venv: the library an editable install uses, as setup.py
+    # builds it (the same call), so that `make` can compile it while pip installs the dependencies.
+    build(CSRC.parent / "fastopt" / LIBRARY, OBJECTS)

@@ -6,6 +6,7 @@ loads that library instead of the installed one (FASTOPT_EXTENSION). Those tests
 level this CPU has. Any sanitizer report fails the run (halt_on_error, and UBSan's reports are made fatal).
 
     python -m tests.sanitize [pytest arguments]      (default: the op surface and codec tests; a worker per core)
+    python -m tests.sanitize --build                 (only the build: any Python 3, no torch needed)
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def runtime(name: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--build"]:
+        build()
+        return 0
     env = dict(os.environ, LD_PRELOAD=f"{runtime('libasan.so')}:{runtime('libubsan.so')}",
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
