@@ -104,7 +104,7 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
     are the tensors' (e.g. grad_stats), passed to each call with its tensors' rows; None values are left out.
     ``kernel``: call this instead (a launcher given options that no op schema holds, e.g. a collective). ``host``:
     the id (library.register_host) of a caller that steps the same tensors with their ``.grad`` at every call (an
-    optimizer's step plan), under which the op's kernel keeps what it checked (fastopt/ops/checks.py ``Kept``): the
+    optimizer's step plan), under which the op's kernel keeps what it checked (fastopt/kernels/checks.py ``Kept``): the
     kernel called directly is given its Kept (library.kept), the torch.library op the id."""
     op = kernel or step_kernel(name, backend, params[0].device)
     direct = op is (library.cpu_kernel(name) if backend == "cpu" else library.triton_kernel(name))

@@ -1,5 +1,5 @@
 """The CPU implementations of the fastopt ops: every argument is checked before anything changes (the step ops' tensors
-by fastopt/ops/checks.py, which the Triton launchers share), and then one call of the C++ kernels' C ABI
+by fastopt/kernels/checks.py, which the Triton launchers share), and then one call of the C++ kernels' C ABI
 (csrc/fastopt.h, loaded by fastopt/_ext.py) does the work. fastopt/ops/library.py
 registers these as the ops' CPU kernels at import; under torch.compile the dispatcher calls them like any op.
 
@@ -13,8 +13,8 @@ from array import array
 import torch
 
 from fastopt import _ext
-from fastopt.ops import checks
-from fastopt.ops.checks import BLOCKS, check as _check, check_bits, check_map, check_quantized, dtype_code
+from fastopt.kernels import checks
+from fastopt.kernels.checks import BLOCKS, check as _check, check_bits, check_map, check_quantized, dtype_code
 
 _CPU = torch.device("cpu")
 

@@ -21,7 +21,7 @@ recompiles nothing). Layouts of ``hp`` (``HP_LAYOUTS``):
 across the shards of sharded params before its step op takes them as ``grad_stats`` (fastopt/ops/spam.py).
 
 A step op's ``host`` is -1, or the id of an optimizer (``register_host``) that steps the same tensors with their
-``.grad`` at every call: its kernel then keeps its checks of the tensors between calls (fastopt/ops/checks.py
+``.grad`` at every call: its kernel then keeps its checks of the tensors between calls (fastopt/kernels/checks.py
 ``Kept``) in the optimizer's store (``kept``), which an eager step's direct kernel calls use too.
 
 ``host_values`` runs the host part of an optimizer's step (schedules, step-count rules) as an opaque op, so that
@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from fastopt import _ext
-from fastopt.ops.checks import BLOCKS, HP_LAYOUTS, Kept
+from fastopt.kernels.checks import BLOCKS, HP_LAYOUTS, Kept
 
 _STORAGE = "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_scales, Tensor(e!)[] exp_avg_sq_scales"
 _MAPS_BITS_HP = "Tensor? exp_avg_map, Tensor? exp_avg_sq_map, int bits, Tensor hp"

@@ -39,7 +39,7 @@ def any_sharded(tensors) -> bool:
 def local(t):
     """The tensor the kernels take: a DTensor's local shard (the same storage), anything else as it is. Outside
     autograd (as in step()) it is the DTensor's own local tensor, the same object at every call, so that the kernels
-    keep their checks between steps (fastopt/ops/checks.py ``Kept``): ``to_local()`` returns a new view of it for a
+    keep their checks between steps (fastopt/kernels/checks.py ``Kept``): ``to_local()`` returns a new view of it for a
     Parameter."""
     if not isinstance(t, DTensor):
         return t

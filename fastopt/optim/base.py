@@ -31,7 +31,8 @@ import torch
 from fastopt.galore import policy as galore
 from fastopt.galore import projector as galore_proj
 from fastopt.galore.step import GaLoreStepper
-from fastopt.ops import _backends, checks, library, sharding
+from fastopt.kernels import checks
+from fastopt.ops import _backends, library, sharding
 from fastopt.ops.common import as_number
 from fastopt.optim import checkpoint
 from fastopt.optim.checkpoint import is_schedule

@@ -6,7 +6,7 @@ Building this costs a few dict lookups and checks per param, more than the fused
 optimizer keeps one plan per group and reuses it while it holds: the same params have grads, in the same order, and
 every plain param's state is the same dict holding the same tensors (a loaded state_dict, a reset ``opt.state[p]``
 or a moment replaced by hand make a new plan). Values changed in place need nothing: the ops read the tensors. The
-kernels keep their checks of a kept plan's tensors between steps (fastopt/ops/checks.py ``Kept``); a tensor moved to
+kernels keep their checks of a kept plan's tensors between steps (fastopt/kernels/checks.py ``Kept``); a tensor moved to
 other storage in place (``t.data = ...``) is checked again.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A step that steps the same tensors again checks only their grads (fastopt/ops/checks.py ``Kept``): what the
+"""A step that steps the same tensors again checks only their grads (fastopt/kernels/checks.py ``Kept``): what the
 optimizer's step plan lets the ops' kernels (C++ and Triton) keep between steps, and what makes them check everything
 again."""
 import gc
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastopt
-from fastopt.ops import adam_step, checks, library
+from fastopt.kernels import checks
+from fastopt.ops import adam_step, library
 from tests.conftest import TRITON_DEVICE, device_of
 
 BACKENDS = ["cpu", "triton"]  # Triton: on the GPU if there is one (make gpu-check), else in the interpreter

@@ -136,7 +136,7 @@ print(tuple(codes.shape), tuple(scales.shape), tuple(out.shape))
 @pytest.mark.parametrize("op", library.STEP_OPS)
 def test_step_ops_refuse_bad_input_before_any_change(op, kernel):
     """Both kernels of each op (the CPU kernel through the op, the Triton launcher called as the op would call it on a
-    GPU) run the same checks (fastopt/ops/checks.py) before anything changes."""
+    GPU) run the same checks (fastopt/kernels/checks.py) before anything changes."""
     run = getattr(torch.ops.fastopt, op) if kernel == "cpu" else library.triton_kernel(op)
 
     def call_with(**change):
@@ -220,7 +220,7 @@ def test_grad_stats_passes_opcheck(n):
 def test_step_checks_on_another_device():
     """The checks' branch for devices other than the CPU (the Triton launchers on a GPU), run on meta tensors: a good
     call passes, and a tensor left on the CPU is named."""
-    from fastopt.ops import checks
+    from fastopt.kernels import checks
 
     meta = torch.device("meta")
     args, _ = step_args("adam_step", "4bit", 300)

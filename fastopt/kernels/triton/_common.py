@@ -8,7 +8,7 @@ element types of its typed ``*_like`` arguments. Both live on the device and are
 whose tensors have not moved uploads nothing, and a CUDA graph replays with the tables it was captured with (a table
 that a launch reads while a graph is being captured is kept for the life of the process: the graph holds its address,
 and the cache must never free it). Uploads go through pinned memory, asynchronously: nothing waits for the device.
-A call given a ``Kept`` (fastopt/ops/checks.py) that holds reuses its launch groups: of its tensors, it reads the
+A call given a ``Kept`` (fastopt/kernels/checks.py) that holds reuses its launch groups: of its tensors, it reads the
 grads' data pointers and nothing else.
 
 **Hyperparameters** reach every kernel in ``hp``, a float64 tensor on the params' device in the op's layout
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastopt.ops import checks
+from fastopt.kernels import checks
 
 BLOCK = 1024        # elements per program of an update (quantized storage: whole quantization blocks, the same count)
 NUM_WARPS = 4
@@ -222,7 +222,7 @@ def launch_groups(columns: list[list], checked: tuple[list[int], list[int], list
                   blocks: tuple[int, ...] = (BLOCK,), streams: int = 0) -> list[tuple[int, Launch]]:
     """(the index of one of its tensors, Launch) per group of tensors with the same dtypes: ``columns`` are the
     table's columns over all the op's tensors (params first, grads second, first moments third; an empty list for
-    one the op was not given), ``checked`` what ``fastopt.ops.checks.step_tensors`` returned for them (sizes and
+    one the op was not given), ``checked`` what ``fastopt.kernels.checks.step_tensors`` returned for them (sizes and
     dtypes). Each call sets its launches up with ``Launch.for_grads``. The result holds no tensor (a Kept keeps it
     and must keep nothing alive): the index finds this call's param and moment, which give the kernels their types."""
     numels, param_dtypes, state_dtypes = checked
@@ -237,7 +237,7 @@ def launch_groups(columns: list[list], checked: tuple[list[int], list[int], list
 def checked_launches(kept, columns: list[list], layout: dict, op: str, device: torch.device, params, grads,
                      *step_args) -> list[tuple[torch.Tensor, torch.Tensor, Launch]]:
     """(a param, a moment, Launch) per group of ``launch_groups(columns, ..., **layout)`` for one call of step op
-    ``op``, each set up for ``grads``: its tensors checked once while ``kept`` holds (fastopt.ops.checks.checked_once,
+    ``op``, each set up for ``grads``: its tensors checked once while ``kept`` holds (fastopt.kernels.checks.checked_once,
     given ``step_args`` after the grads)."""
     groups = checks.checked_once(kept, lambda checked: launch_groups(columns, checked, device, **layout), op, device,
                                  params, grads, *step_args)

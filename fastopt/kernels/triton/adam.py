@@ -20,7 +20,7 @@ import triton.language as tl
 from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, advance, checked_launches, column, device_hp,
                                             f32_column, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
-from fastopt.ops import checks
+from fastopt.kernels import checks
 
 # The table's columns (then the element count and the first program): pointers to the param, its grad, both moments
 # (float, or codes), both moments' scales (quantized), amsgrad's running max, the step count.
@@ -141,7 +141,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_s
               exp_avg_map, exp_avg_sq_map, bits, hp, *, decoupled, maximize, independent_decay, grad_scale=None,
               found_inf=None, kept=None) -> None:
     """torch.ops.fastopt.adam_step on Triton (same arguments; contiguous tensors on one device): per group of tensors
-    with the same dtypes, one launch for the step counts and one for the update. ``kept``: fastopt.ops.checks.Kept."""
+    with the same dtypes, one launch for the step counts and one for the update. ``kept``: fastopt.kernels.checks.Kept."""
     if not params:
         return
     device = params[0].device

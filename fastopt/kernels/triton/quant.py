@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from fastopt.kernels.triton._common import BLOCK, NUM_WARPS, load, store
-from fastopt.ops import checks
+from fastopt.kernels import checks
 
 
 def blocks_per_program(bits: int) -> int:

@@ -42,7 +42,7 @@ from fastopt.kernels.triton._common import (BLOCK, NUM_WARPS, Launch, advance, c
                                             device_hp, f32_column, load, program_tensor, store_rounded)
 from fastopt.kernels.triton.adam import adam_moments, adam_param, one_minus_power, step_scalars
 from fastopt.kernels.triton.quant import block_tile, blocks_per_program, decode, encode_moments
-from fastopt.ops import checks
+from fastopt.kernels import checks
 
 PARTIAL_BLOCK = tl.constexpr(4096)  # gradient elements per workspace entry
 STATS_BLOCK = 1024    # workspace entries a stats program reads at once
