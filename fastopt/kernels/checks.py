@@ -187,7 +187,7 @@ def checked_once(kept: Kept | None, build, op: str, device: torch.device, params
     holds for these tensors, which then checks only the grads; else the value just built, which it keeps."""
     inputs = (params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sqs, *counters.values(),
               exp_avg_map, exp_avg_sq_map, bits)
-    if kept is not None and kept.holds(inputs, params, grads):
+    if kept is not None and kept.holds(inputs, grads):
         return kept.value
     checked = step_tensors(op, device, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
                            exp_avg_map, exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
@@ -204,11 +204,12 @@ class Kept:
 
     ``holds`` is true when every input of the call but the grads is the object it was when ``keep`` was called (lists
     compared entry by entry, by identity, as torch.compile guards an optimizer's params and states; other values by
-    value) at the same data pointer (``t.data = ...`` moves a tensor, as helpers that move an optimizer's state to a
-    device do), the params have their dtypes, and the grads have the params' element counts, dtypes and device and are
-    contiguous. What it does not read again is what only in-place metadata changes (``resize_`` within the storage,
-    ``as_strided_``) could change. ``value`` is what the kernel made of the checked inputs (C++: its pointer arrays;
-    Triton: its launch groups).
+    value) at the same data pointer, with the same dtype, element count and contiguity (``t.data = ...`` swaps what a
+    tensor object is, as helpers that move an optimizer's state to a device do, and the new data may sit where the
+    old was), and the grads have the params' element counts, dtypes and device and are contiguous. What it does not
+    read again is what only in-place changes of sizes or strides that keep the element count and contiguity
+    (``resize_`` within the storage, ``as_strided_``) could change, which a flat kernel does not see. ``value`` is
+    what the kernel made of the checked inputs (C++: its pointer arrays; Triton: its launch groups).
 
     Identity is compared by ``id``, which is only sound while the objects live: a Kept refers to its tensors weakly
     (it must not keep them alive: a compiler may hand the op copies) and no longer holds once one of them is gone."""
@@ -218,14 +219,17 @@ class Kept:
         self._layout: tuple | None = None  # nothing kept yet
         self._lost = False
 
-    def holds(self, inputs: tuple, params: list, grads: list) -> bool:
+    def holds(self, inputs: tuple, grads: list) -> bool:
         if self._lost or _layout(inputs) != self._layout:
             return False
         tensors = list(_tensors(inputs))
         return (list(map(id, tensors)) == self._ids and list(map(_data_ptr, tensors)) == self._pointers
+                and list(map(_dtype, tensors)) == self._tensor_dtypes
+                and list(map(_numel, tensors)) == self._tensor_numels
+                and list(map(_contiguous, tensors)) == self._tensor_contiguity
                 and len(grads) == len(self._numels) and list(map(_numel, grads)) == self._numels
-                and list(map(_dtype, grads)) == self._dtypes and list(map(_dtype, params)) == self._dtypes
-                and set(map(_device_index, grads)) == self._device and all(map(_contiguous, grads)))
+                and list(map(_dtype, grads)) == self._dtypes
+                and set(map(_device, grads)) == self._device and all(map(_contiguous, grads)))
 
     def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
         """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
@@ -233,15 +237,14 @@ class Kept:
         self._held = [weakref.ref(t, self._lose) for t in tensors]
         self._lost = False
         self._layout, self._ids, self._pointers = _layout(inputs), list(map(id, tensors)), list(map(_data_ptr, tensors))
+        self._tensor_dtypes, self._tensor_numels = list(map(_dtype, tensors)), list(map(_numel, tensors))
+        self._tensor_contiguity = list(map(_contiguous, tensors))
         self._numels, self._dtypes = list(numels), list(map(_dtype, params))
-        self._device = set(map(_device_index, params))
+        self._device = set(map(_device, params))
         self.value = value
 
     def _lose(self, _) -> None:  # a kept tensor is gone: its id may be another object's now
         self._lost = True
-
-
-_device_index = torch.Tensor.get_device  # -1 for CPU tensors: an int, cheaper to read than .device
 
 
 def _tensors(inputs: tuple):

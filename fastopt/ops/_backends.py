@@ -114,7 +114,7 @@ def fused_step(name: str, backend: str, params, grads, exp_avgs, exp_avg_sqs, co
         pick = lambda xs: xs if every else [xs[i] for i in idx] if xs else []  # noqa: E731
         ps, ms, vs, cs = pick(params), pick(exp_avgs), pick(exp_avg_sqs), [pick(c) for c in counters]
         if host is not None and direct:
-            uncopied = {"kept": library.kept(host, name, ps)}
+            uncopied = {"kept": library.kept(host, name, backend, ps)}
         elif host is not None and op is getattr(torch.ops.fastopt, name):
             uncopied = {"host": host}
         else:  # a caller that does not step the same tensors again (no host): nothing to keep

@@ -115,26 +115,28 @@ def register_host(owner: object, **callbacks: Callable) -> int:
     return key
 
 
-def kept(host: int, name: str, params: list) -> Kept | None:
-    """The Kept of step op ``name``'s kernel calls for ``host`` over ``params``: one per op and first param (a Kept
-    that does not hold for a call's tensors is rebuilt), so that steps over changing sets of params (grads that are
-    None at some steps) do not add up entries; None for an unknown host. The store refers to the tensors weakly, and
+def kept(host: int, name: str, backend: str, params: list) -> Kept | None:
+    """The Kept of step op ``name``'s ``backend`` kernel ("cpu" or "triton": each keeps its own kind of value) for
+    ``host`` over ``params``: one per op, kernel and first param (a Kept that does not hold for a call's tensors is
+    rebuilt), so that steps over changing sets of params (grads that are None at some steps) do not add up entries
+    while the first param stays; None for an unknown host. The store refers to the tensors weakly, and
     an entry goes with its first param: a compiler that hands the op copies of the optimizer's tensors (a graph that
     does not update them in place) leaves nothing behind."""
     store = _kept.get(host)
     if store is None or not params:
         return None
-    key = (name, id(params[0]))
+    key = (name, backend, id(params[0]))
     entry = store.get(key)
     if entry is None:  # with a weak reference to the first param that removes the entry
         entry = store[key] = (Kept(), weakref.ref(params[0], lambda _: store.pop(key, None)))
     return entry[0]
 
 
-def _keeping(name: str, kernel: Callable[[], Callable]) -> Callable:
-    """Step op ``name``'s kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with its ``kept``."""
+def _keeping(name: str, backend: str, kernel: Callable[[], Callable]) -> Callable:
+    """Step op ``name``'s ``backend`` kernel (``kernel()``) as the dispatcher calls it: given a ``host``, with its
+    ``kept``."""
     def run(params, *args, host: int = -1, **kwargs):
-        return kernel()(params, *args, kept=kept(host, name, params), **kwargs)
+        return kernel()(params, *args, kept=kept(host, name, backend, params), **kwargs)
     return run
 
 
@@ -175,14 +177,14 @@ if CPU_KERNELS:
     from fastopt.ops import cpu
 
     for _name, _kernel in cpu.KERNELS.items():
-        _library.impl(_name, _keeping(_name, lambda k=_kernel: k) if _name in STEP_OPS else _kernel, "CPU")
+        _library.impl(_name, _keeping(_name, "cpu", lambda k=_kernel: k) if _name in STEP_OPS else _kernel, "CPU")
 
 # The Triton launchers are the ops' GPU kernels.
 TRITON_OPS = ("adam_step", "stable_spam_step", "spam_step", "quantize_blockwise", "dequantize_blockwise")
 if importlib.util.find_spec("triton") is not None:
     for _name in TRITON_OPS:
         _launcher = lambda _name=_name: triton_kernel(_name)  # noqa: E731
-        _library.impl(_name, _keeping(_name, _launcher) if _name in STEP_OPS else
+        _library.impl(_name, _keeping(_name, "triton", _launcher) if _name in STEP_OPS else
                       lambda *args, _launcher=_launcher, **kwargs: _launcher()(*args, **kwargs), "CUDA")
 
 

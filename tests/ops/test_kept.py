@@ -149,8 +149,11 @@ def _adam_inputs(device, n=300, count=3):
             [torch.zeros_like(p) for p in params], [], [torch.zeros((), device=device) for _ in params])
 
 
-CHANGES = [(change, backend) for change in ["grad dtype", "grad size", "grad strides", "moment replaced in the list",
-                                            "list shortened"] for backend in BACKENDS]
+CHANGES = [(change, backend) for change in ["grad dtype", "grad size", "grad strides", "grad on the meta device",
+                                            "moment replaced in the list", "list shortened",
+                                            "moment viewed as another dtype in place", "moment shortened in place",
+                                            "moment made strided in place", "counter viewed as another dtype in place"]
+           for backend in BACKENDS]
 if TRITON_DEVICE.type == "cuda":  # a grad moved off its param's device (p.grad.data = ...): only a GPU has another
     CHANGES.append(("grad device", "triton"))
 
@@ -158,7 +161,10 @@ if TRITON_DEVICE.type == "cuda":  # a grad moved off its param's device (p.grad.
 @pytest.mark.parametrize("change, backend", CHANGES)
 def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     """Inputs that differ from the kept ones in what a step with its params' grads could not change (or in the list
-    entries themselves) raise as without ``kept``, naming the argument, and change nothing."""
+    entries themselves) raise as without ``kept``, naming the argument, and change nothing. The changes "in place"
+    keep the tensor object and its data pointer (``t.data = ...`` over its own storage; new data where the old was
+    freed does the same): only its dtype, element count or strides tell it from the kept one, and a kernel trusting
+    the kept checks would write past its end."""
     device = device_of(backend)
     params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs(device)
     owner = _Owner()
@@ -168,7 +174,11 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
     assert len(full_checks) == 1
     message = {"grad dtype": r"grads\[1\] dtype differs", "grad size": r"grads\[1\] has 300 elements",
                "grad strides": r"grads\[1\] must be contiguous", "moment replaced in the list": r"exp_avgs\[1\]",
-               "list shortened": "same length", "grad device": r"grads\[1\] must be on"}[change]
+               "list shortened": "same length", "grad device": r"grads\[1\] must be on",
+               "grad on the meta device": r"grads\[1\] must be on",
+               "moment viewed as another dtype in place": r"exp_avg_sqs\[1\] dtype differs from exp_avgs\[1\]",
+               "moment shortened in place": r"exp_avgs\[1\]", "moment made strided in place": r"exp_avgs\[1\]",
+               "counter viewed as another dtype in place": r"\[1\] must be a float32"}[change]
     if change == "grad dtype":
         grads[1] = grads[1].to(torch.bfloat16)
     elif change == "grad size":
@@ -177,21 +187,69 @@ def test_what_kept_did_not_check_is_checked_again(full_checks, change, backend):
         grads[1] = torch.randn(2 * grads[1].numel(), device=device)[::2]
     elif change == "grad device":
         grads[1] = grads[1].cpu()
+    elif change == "grad on the meta device":
+        grads[1] = torch.empty_like(grads[1], device="meta")
+    elif change == "moment viewed as another dtype in place":
+        exp_avgs[1].data = exp_avgs[1].data.view(torch.bfloat16)[:exp_avgs[1].numel()]
+    elif change == "moment shortened in place":
+        exp_avgs[1].data = exp_avgs[1].data[:-1]
+    elif change == "moment made strided in place":  # 301 elements as 7 x 43, transposed: the same bytes
+        exp_avgs[1].data = exp_avgs[1].data.view(43, 7).t()
+    elif change == "counter viewed as another dtype in place":
+        steps[1].data = steps[1].data.view(torch.int32)
     elif change == "moment replaced in the list":
         exp_avgs[1] = torch.zeros(5, device=device)
     else:
         exp_avg_sqs.pop()
     before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps]
     with pytest.raises(RuntimeError, match=message):
-        if change == "grad strides":  # the kernel itself: the op would pass it a contiguous copy
+        if change == "grad strides" or "in place" in change:  # the kernel itself, which trusts its Kept: the op
+            # would pass it contiguous copies or refuse the tensors before
             kernel = (library.cpu_kernel if backend == "cpu" else library.triton_kernel)("adam_step")
             hp = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.1], dtype=torch.float64)
             kernel(params, grads, exp_avgs, exp_avg_sqs, [], [], maxes, steps, None, None, 0, hp, decoupled=True,
-                   maximize=False, independent_decay=False, kept=library.kept(host, "adam_step", params))
+                   maximize=False, independent_decay=False, kept=library.kept(host, "adam_step", backend, params))
         else:
             adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
     assert len(full_checks) == 2
-    assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
+    for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps):  # a moment viewed as bf16 may hold NaNs
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_reinterpreted_in_place_is_checked_again(backend):
+    """Moments given another dtype in place over their own storage (``t.data = t.data.view(torch.bfloat16)[:n]``:
+    the same tensor objects at the same addresses) are checked again and stepped as bf16 moments, as the reference
+    path steps them; a kernel trusting what it kept would step them as fp32 and write past their end."""
+    params, opt, twins, ref = _twins(fastopt.AdamW, {}, backend, shapes=[(64, 80), (4097,)])
+    for step in range(3):
+        if step == 2:
+            for state in [*(opt.state[p] for p in params), *(ref.state[q] for q in twins)]:
+                for name in ("exp_avg", "exp_avg_sq"):
+                    t = state[name]
+                    t.zero_()
+                    t.data = t.data.view(torch.bfloat16).view(-1)[:t.numel()].view(t.shape)
+        _step_both(opt.step, ref, params, twins)
+    for p, q in zip(params, twins):
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+def test_each_kernel_keeps_its_own_checks():
+    """The C++ kernel and the Triton launchers keep different values (pointer arrays, launch groups): calls of both
+    over the same params under one host (an optimizer whose backend changed, CPU tensors in Triton's interpreter)
+    keep one Kept each, and step as the reference does."""
+    params, grads, exp_avgs, exp_avg_sqs, maxes, steps = _adam_inputs("cpu")
+    ref = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
+    owner = _Owner()
+    host = library.register_host(owner)
+    for backend in ["cpu", "triton", "cpu", "triton"]:
+        adam_step(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, backend=backend, host=host, **HP)
+        adam_step(ref[0], grads, ref[1], ref[2], [], ref[3], backend="reference", **HP)
+    assert len(library._kept[host]) == 2
+    for got, want in zip((params, exp_avgs, exp_avg_sqs, steps), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kept_compares_list_entries_not_lists():
@@ -200,10 +258,10 @@ def test_kept_compares_list_entries_not_lists():
     kept = checks.Kept()
     params, grads = [a], [torch.zeros(3)]
     kept.keep((params, 4), params, [3], "value")
-    assert kept.holds((params, 4), params, grads) and kept.holds((list(params), 4), params, grads)
-    assert not kept.holds((params, 8), params, grads)
+    assert kept.holds((params, 4), grads) and kept.holds((list(params), 4), grads)
+    assert not kept.holds((params, 8), grads)
     params[0] = b
-    assert not kept.holds((params, 4), params, grads)
+    assert not kept.holds((params, 4), grads)
 
 
 # Backends a compiled step runs: the C++ kernels, and Triton on a GPU (not in the interpreter, which it refuses).
