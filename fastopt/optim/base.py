@@ -455,6 +455,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         and reuses it while it holds; a compiled step() builds it as it traces (the optimizer is not mutated), its
         buckets keeping their kernels' checks under the optimizer's host id."""
         compiled = torch.compiler.is_compiling()
+        if not compiled and len(self._plans) > len(self.param_groups):  # groups were removed: let go of their plans
+            self._plans = {id(g): self._plans[id(g)] for g in self.param_groups if id(g) in self._plans}
+            self._reindex()  # and of their params, which the index of positions holds
         plan = self._plans.get(id(group)) if keep and not compiled else None
         if plan is not None and plan.holds(self, group, params):
             return plan

@@ -56,3 +56,21 @@ def test_plan_is_built_once_and_again_only_when_it_no_longer_holds(monkeypatch):
     assert not opt._plans  # the old plan's state is let go at once
     step_with_edits(net, opt, data[6:8], ["no edit"] * 2)
     assert len(built) == 3
+
+
+def test_a_removed_param_group_is_let_go():
+    """A param group removed from param_groups (and its params' state deleted) is not kept alive by its step plan:
+    the next step lets go of the plan, as torch.optim keeps nothing between steps."""
+    import gc
+    import weakref
+
+    kept, removed = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(20))
+    opt = fastopt.AdamW([{"params": [kept]}, {"params": [removed]}])
+    kept.grad, removed.grad = torch.randn_like(kept), torch.randn_like(removed)
+    opt.step()
+    gone = weakref.ref(removed), weakref.ref(opt.state[removed]["exp_avg"])
+    opt.param_groups.pop()
+    del opt.state[removed], removed
+    opt.step()
+    gc.collect()
+    assert all(ref() is None for ref in gone) and len(opt._plans) == 1
