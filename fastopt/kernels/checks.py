@@ -193,7 +193,7 @@ def checked_once(kept: Kept | None, build, op: str, device: torch.device, params
                            exp_avg_map, exp_avg_sq_map, bits, counters, max_exp_avg_sqs)
     value = build(checked)
     if kept is not None:
-        kept.keep(inputs, params, checked[0], value)
+        kept.keep(inputs, len(params), value)
     return value
 
 
@@ -231,16 +231,17 @@ class Kept:
                 and list(map(_dtype, grads)) == self._dtypes
                 and set(map(_device, grads)) == self._device and all(map(_contiguous, grads)))
 
-    def keep(self, inputs: tuple, params: list, numels: list[int], value) -> None:
-        """Notes ``inputs`` (which the kernel has just checked, with ``params`` among them) and ``value``."""
+    def keep(self, inputs: tuple, n_params: int, value) -> None:
+        """Notes ``inputs`` (which the kernel has just checked; its first list holds the ``n_params`` params, which the
+        grads must match) and ``value``."""
         tensors = list(_tensors(inputs))
         self._held = [weakref.ref(t, self._lose) for t in tensors]
         self._lost = False
         self._layout, self._ids, self._pointers = _layout(inputs), list(map(id, tensors)), list(map(_data_ptr, tensors))
         self._tensor_dtypes, self._tensor_numels = list(map(_dtype, tensors)), list(map(_numel, tensors))
         self._tensor_contiguity = list(map(_contiguous, tensors))
-        self._numels, self._dtypes = list(numels), list(map(_dtype, params))
-        self._device = set(map(_device, params))
+        self._numels, self._dtypes = self._tensor_numels[:n_params], self._tensor_dtypes[:n_params]
+        self._device = set(map(_device, tensors[:n_params]))
         self.value = value
 
     def _lose(self, _) -> None:  # a kept tensor is gone: its id may be another object's now

@@ -1,5 +1,8 @@
 """The step plan (fastopt/optim/plan.py): kept between steps, and never stale — state edited by hand, grads that come
 and go, and loaded state_dicts act exactly as they do in torch.optim, which keeps nothing between steps."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -61,9 +64,6 @@ def test_plan_is_built_once_and_again_only_when_it_no_longer_holds(monkeypatch):
 def test_a_removed_param_group_is_let_go():
     """A param group removed from param_groups (and its params' state deleted) is not kept alive by its step plan:
     the next step lets go of the plan, as torch.optim keeps nothing between steps."""
-    import gc
-    import weakref
-
     kept, removed = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(20))
     opt = fastopt.AdamW([{"params": [kept]}, {"params": [removed]}])
     kept.grad, removed.grad = torch.randn_like(kept), torch.randn_like(removed)
